@@ -1,0 +1,73 @@
+"""Shared test fixtures: the golden parity set (LANCE_GOLDEN) and the tiny checkpoint loaded once."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("LANCE_GOLDEN", REPO_ROOT.parent / "shared" / "golden")).resolve()
+
+
+class Golden:
+    """Read access to a golden fixture set: manifest, tensors and tolerances."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest = json.loads((root / "manifest.json").read_text())
+        self._cache = {}
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    def fixture(self, name: str) -> dict:
+        return self.manifest["fixtures"][name]
+
+    def hyper(self, name: str) -> dict:
+        return self.fixture(name)["hyper_parameters"]
+
+    def tensors(self, name: str) -> dict:
+        if name not in self._cache:
+            self._cache[name] = load_file(str(self.root / self.fixture(name)["file"]))
+        return self._cache[name]
+
+    def tolerance(self, key: str) -> float:
+        """max_abs tolerance for a tensor key, matched against the manifest's patterns."""
+        for pattern, tol in self.manifest["tolerances"].items():
+            if _pattern_matches(pattern, key):
+                return float(tol["max_abs"])
+        return float(self.manifest["tolerances"]["default_float32"]["max_abs"])
+
+    def tasks(self, *names) -> list:
+        return [n for n in names if n in self.manifest["fixtures"]]
+
+
+def _pattern_matches(pattern: str, key: str) -> bool:
+    """Manifest patterns: exact keys, `prefix/*`, and `prefix/a|b|c` alternatives."""
+    if "|" in pattern:
+        head, _, alternatives = pattern.partition("/")
+        return any(key == f"{head}/{alt}" for alt in alternatives.split("|"))
+    if pattern.endswith("*"):
+        return key.startswith(pattern[:-1])
+    return key == pattern
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> float:
+    """Assert max |actual - expected| <= tol and return the error (for the closing report)."""
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    print(f"[parity] {what}: max_abs={err:.3e} (tol {tol:.1e})")
+    assert err <= tol, f"{what}: max abs error {err:.3e} > tolerance {tol:.1e}"
+    return err
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+    if not (GOLDEN_DIR / "manifest.json").is_file():
+        pytest.fail(f"golden fixtures not found at {GOLDEN_DIR} (set LANCE_GOLDEN)")
+    return Golden(GOLDEN_DIR)
