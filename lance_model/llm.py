@@ -1,0 +1,226 @@
+"""The Lance MoT language model: a Qwen2.5 decoder whose every per-layer weight exists twice (understanding
+expert and `_moe_gen` generation expert). Attention is shared: all tokens attend jointly, only the projections,
+norms and MLPs are chosen per token. Module names mirror the release checkpoint so weights map by key name.
+
+A forward pass processes one *block* of tokens against a KV cache:
+  * `causal=True`  - text; each token sees the cache and earlier tokens of the block,
+  * `causal=False` - a visual block; bidirectional over the cache and the whole block.
+Expert routing is a list of contiguous `Segment`s (VS und | payload gen | VE und), so experts are applied to
+slices rather than gathered/scattered token by token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .config import LLMConfig
+from .kv_cache import KVCache
+from .ops import TorchOps
+from .positions import MultimodalRotary, apply_rotary, timestep_sinusoid
+
+GEN = "_moe_gen"
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    end: int
+    gen: bool  # True: generation expert (latent payload), False: understanding expert
+
+
+def segments_from_mask(gen_mask: torch.Tensor) -> list[Segment]:
+    """Contiguous runs of the per-token expert choice."""
+    flags = gen_mask.tolist()
+    segments, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            segments.append(Segment(start, i, bool(flags[start])))
+            start = i
+    return segments
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(x.dtype) * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.gate_proj = ops.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = ops.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = ops.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        for suffix in ("", GEN):
+            setattr(self, "q_proj" + suffix, ops.Linear(h, q_out, bias=True))
+            setattr(self, "k_proj" + suffix, ops.Linear(h, kv_out, bias=True))
+            setattr(self, "v_proj" + suffix, ops.Linear(h, kv_out, bias=True))
+            setattr(self, "o_proj" + suffix, ops.Linear(q_out, h, bias=False))
+            setattr(self, "q_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+            setattr(self, "k_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def expert(self, gen: bool) -> dict[str, nn.Module]:
+        suffix = GEN if gen else ""
+        return {name: getattr(self, name + suffix) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+
+    def qkv(self, x: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, H] -> q [B, L, Hq, D], k/v [B, L, Hkv, D] with per-head QK-norm."""
+        e, (b, n, _) = self.expert(gen), x.shape
+        q = e["q_norm"](e["q_proj"](x).view(b, n, self.num_heads, self.head_dim))
+        k = e["k_norm"](e["k_proj"](x).view(b, n, self.num_kv_heads, self.head_dim))
+        v = e["v_proj"](x).view(b, n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.self_attn = MoTAttention(cfg, ops)
+        self.mlp = MLP(cfg, ops)
+        self.mlp_moe_gen = MLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
+                attend: "BlockAttention") -> torch.Tensor:
+        parts = [self.self_attn.qkv(self._norm_in(x[:, s.start:s.end], s.gen), s.gen) for s in segments]
+        q, k, v = (torch.cat(p, dim=1) if len(parts) > 1 else p[0] for p in zip(*parts))
+        cos, sin = rope
+        q = apply_rotary(q.transpose(1, 2).float(), cos, sin).to(x.dtype)
+        k = apply_rotary(k.transpose(1, 2).float(), cos, sin).to(x.dtype)
+        out = attend(q, k, v.transpose(1, 2))  # [B, Hq, L, D]
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        pieces = [self._finish(x[:, s.start:s.end], out[:, s.start:s.end], s.gen) for s in segments]
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def _norm_in(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
+        return (self.input_layernorm_moe_gen if gen else self.input_layernorm)(x)
+
+    def _finish(self, residual: torch.Tensor, attn: torch.Tensor, gen: bool) -> torch.Tensor:
+        x = residual + self.self_attn.expert(gen)["o_proj"](attn)
+        norm = self.post_attention_layernorm_moe_gen if gen else self.post_attention_layernorm
+        mlp = self.mlp_moe_gen if gen else self.mlp
+        return x + mlp(norm(x))
+
+
+class BlockAttention:
+    """Binds one block's cache slot and mask so each layer only passes q, k, v."""
+
+    def __init__(self, backend: Attention, cache: KVCache | None, start: int, causal: bool,
+                 key_mask: torch.Tensor | None, rows: slice):
+        self.backend, self.cache, self.start, self.causal, self.key_mask, self.rows = backend, cache, start, causal, key_mask, rows
+        self.layer = 0
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.write(self.layer, self.start, k, v, self.rows)
+            k, v = self.cache.read(self.layer, self.start + k.shape[2], self.rows)
+        self.layer += 1
+        return self.backend(q, k, v, mask=self.key_mask, causal_bottom_right=self.causal)
+
+
+class QwenMoTModel(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.model = QwenMoTModel(cfg, ops)
+        self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int, ops):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(ops.Linear(freq_dim, hidden, bias=True), nn.SiLU(), ops.Linear(hidden, hidden, bias=True))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(timestep_sinusoid(t, self.freq_dim).to(dtype))
+
+
+class LanceLLM(nn.Module):
+    """Everything in `model.safetensors` except the ViT: the MoT LLM plus the latent in/out heads."""
+
+    def __init__(self, cfg: LLMConfig, ops=TorchOps, attention: Attention | None = None):
+        super().__init__()
+        self.config = cfg
+        c = cfg.constants
+        self.language_model = LanguageModel(cfg, ops)
+        self.time_embedder = TimestepEmbedder(cfg.hidden_size, c.timestep_embed_dim, ops)
+        self.vae2llm = ops.Linear(c.latent_channels, cfg.hidden_size, bias=True)
+        self.llm2vae = ops.Linear(cfg.hidden_size, c.latent_channels, bias=True)
+        self.rotary = MultimodalRotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.attention = attention or Attention("sdpa")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae2llm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae2llm.weight.device
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(ids.to(self.device)).to(self.dtype)
+
+    def embed_latents(self, latents: torch.Tensor, timesteps: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """latents [..., N, C], timesteps [..., N], pos_embed [N, H] -> [..., N, H]."""
+        shape = latents.shape[:-1]
+        t_emb = self.time_embedder(timesteps.reshape(-1).to(self.device), self.dtype).view(*shape, -1)
+        return self.vae2llm(latents.to(self.device, self.dtype)) + t_emb + pos_embed.to(self.device, self.dtype)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], *,
+                cache: KVCache | None = None, start: int = 0, causal: bool = True,
+                key_mask: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """Run one block. hidden [B, L, H], positions [B, 3, L]. With a cache, the block's keys/values are
+        written at [start, start + L) of `rows` and attention reads the cache up to there. Returns the
+        final-normed hidden states (und rows: model.norm, gen rows: model.norm_moe_gen)."""
+        model = self.language_model.model
+        rope = self.rotary(positions.to(self.device))
+        attend = BlockAttention(self.attention, cache, start, causal, key_mask, rows)
+        x = hidden
+        for layer in model.layers:
+            x = layer(x, rope, segments, attend)
+        pieces = [(model.norm_moe_gen if s.gen else model.norm)(x[:, s.start:s.end]) for s in segments]
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.lm_head(hidden).float()
+
+    def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm2vae(hidden).float()

@@ -1,0 +1,70 @@
+"""Tokenizer (transformers AutoTokenizer from the checkpoint folder) and special-token lookup by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import LLMConfig
+from .errors import CheckpointError, InputError
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    placeholder: int      # id of every visual payload token (the reference uses video_token_id for images too)
+    pad: int
+
+
+class LanceTokenizer:
+    """Thin wrapper: encodes text without BOS/EOS and exposes the special ids Lance needs."""
+
+    def __init__(self, folder: Path, config: LLMConfig):
+        from transformers import AutoTokenizer  # deferred: importing transformers is slow
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from exc
+        self.special = self._lookup_special(config)
+        self.vocab_limit = len(self.hf)  # logits for ids >= this are masked during decoding
+        if self.vocab_limit > config.vocab_size:
+            raise CheckpointError(f"tokenizer in {folder} has {self.vocab_limit} tokens but the model's vocab_size is {config.vocab_size}")
+
+    def _lookup_special(self, config: LLMConfig) -> SpecialTokens:
+        names = {"im_start": IM_START, "im_end": IM_END, "vision_start": VISION_START,
+                 "vision_end": VISION_END, "placeholder": VIDEO_PAD, "pad": END_OF_TEXT}
+        ids = {}
+        for field, token in names.items():
+            token_id = self.hf.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.hf.unk_token_id:
+                raise CheckpointError(f"tokenizer has no special token {token} (Lance needs it; adding it would leave an untrained row)")
+            ids[field] = int(token_id)
+        special = SpecialTokens(**ids)
+        if special.placeholder != config.video_token_id or special.vision_start != config.vision_start_token_id:
+            raise CheckpointError(
+                f"tokenizer ids ({VIDEO_PAD}={special.placeholder}, {VISION_START}={special.vision_start}) disagree with "
+                f"llm_config.json (video_token_id={config.video_token_id}, vision_start_token_id={config.vision_start_token_id})")
+        return special
+
+    def encode(self, text: str) -> list[int]:
+        """Encode with special tokens parsed (templates contain them); no BOS/EOS is added."""
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def encode_user_text(self, text: str, what: str = "prompt") -> list[int]:
+        """Encode user text; special-token strings inside it are rejected so a prompt cannot break the template."""
+        if not isinstance(text, str):
+            raise InputError(f"{what} must be a string, got {type(text).__name__}")
+        for token in self.hf.all_special_tokens + list(getattr(self.hf, "added_tokens_encoder", {})):
+            if token and token in text:
+                raise InputError(f"{what} contains the reserved token {token!r}; remove it")
+        return self.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False)
