@@ -1,0 +1,206 @@
+"""Flow-matching sampler with text CFG over a prefilled KV cache.
+
+The conditioning prefix (everything before the target block) is prefilled once per CFG branch; each step then
+runs only the target block `[vision_start | latents | vision_end]` against the cache. Conditional and
+unconditional branches run in one batched forward (rows [cond x B, uncond x B]); the uncond rows' shorter
+prefix is handled with a key mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import Cancelled, InputError
+from .llm import LanceLLM, segments_from_mask
+from .packing import PackedSequence, drop_caption
+
+RENORM_TYPES = ("global", "channel", "none")
+UNCOND_POSITIONS = ("reference_kv", "contiguous")
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    scale: float = 4.0
+    interval: tuple[float, float] = (0.4, 1.0)   # guidance applies when interval[0] < t <= interval[1]
+    renorm: str = "global"
+    renorm_min: float = 0.0
+    # reference_kv: the uncond prefix keeps the cond positions (the official KV path); contiguous: recomputed
+    uncond_positions: str = "reference_kv"
+
+    def validate(self) -> None:
+        if not self.scale >= 1.0:
+            raise InputError(f"cfg_scale must be >= 1.0, got {self.scale}")
+        lo, hi = self.interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise InputError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {self.interval}")
+        if self.renorm not in RENORM_TYPES:
+            raise InputError(f"cfg_renorm must be one of {RENORM_TYPES}, got {self.renorm!r}")
+        if self.uncond_positions not in UNCOND_POSITIONS:
+            raise InputError(f"uncond_positions must be one of {UNCOND_POSITIONS}, got {self.uncond_positions!r}")
+
+    def active(self, t: float) -> bool:
+        return self.scale > 1.0 and self.interval[0] < t <= self.interval[1]
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    steps: int = 30
+    shift: float = 3.5
+    guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
+    batched_cfg: bool = True
+    state_dtype: torch.dtype = torch.float32   # the reference keeps the Euler state in bf16
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.shift > 0:
+            raise InputError(f"shift must be > 0, got {self.shift}")
+        self.guidance.validate()
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    t: float
+    x0: torch.Tensor                 # [B, N, C] predicted clean target latents (for previews)
+    v_cond: torch.Tensor             # [B, N, C]
+    v_uncond: torch.Tensor | None
+    v: torch.Tensor                  # velocity used for the update (after CFG and renorm)
+
+
+def flow_timesteps(steps: int, shift: float) -> torch.Tensor:
+    """Shifted schedule t_i = s*u / (1 + (s-1)*u) over u = linspace(1, 0, steps+1) (fp32 as the reference)."""
+    u = torch.linspace(1, 0, steps + 1)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+@dataclass
+class TargetState:
+    """The latents being denoised: x [B, N, C]; `frozen` rows (i2v frame 0) stay clean at t = 0."""
+
+    x: torch.Tensor
+    frozen: int = 0
+
+
+def renormalize(v: torch.Tensor, v_cond: torch.Tensor, kind: str, minimum: float) -> torch.Tensor:
+    """Scale the guided velocity so its norm does not exceed the conditional one (per sample / per token)."""
+    if kind == "none":
+        return v
+    dims = (1, 2) if kind == "global" else (2,)
+    scale = (v_cond.norm(dim=dims, keepdim=True) / (v.norm(dim=dims, keepdim=True) + 1e-8)).clamp(min=minimum, max=1.0)
+    return v * scale
+
+
+class FlowSampler:
+    def __init__(self, llm: LanceLLM, seq: PackedSequence, prefix_embeds: torch.Tensor, target_pos_embed: torch.Tensor,
+                 options: SamplerOptions, batch: int):
+        """prefix_embeds [L, H]: input embeddings of the whole cond sequence (the target payload rows are unused);
+        target_pos_embed [N, H]: latent position embedding of the target block."""
+        options.validate()
+        self.llm, self.seq, self.opts, self.batch = llm, seq, options, batch
+        self.target_split = seq.target_split
+        self.prefix_len = self.target_split.start
+        self.pos_embed = target_pos_embed
+        self.timesteps = flow_timesteps(options.steps, options.shift)
+        self.guided = any(options.guidance.active(float(t)) for t in self.timesteps[:-1])
+        self.branches = 2 if self.guided else 1
+        capacity = self.prefix_len + self.target_split.length
+        self.cache = llm.new_cache(batch * self.branches, capacity)
+        self.marker_embeds = prefix_embeds[[self.target_split.start, self.target_split.end - 1]]
+        self._prefill(prefix_embeds)
+
+    # -- prefix -----------------------------------------------------------------------------------------
+    def _prefill(self, embeds: torch.Tensor) -> None:
+        seq, g = self.seq, self.opts.guidance
+        pos = seq.positions
+        self._run_prefix(embeds, pos, [s for s in seq.splits if s.end <= self.prefix_len], row=0)
+        self.cond_query_pos = pos[:, self.target_split.start:self.target_split.end]
+        if self.guided:
+            keep, uncond_pos = drop_caption(seq, self.llm.config)
+            kept_prefix = keep[keep < self.prefix_len]
+            prefix_pos = pos[:, kept_prefix] if g.uncond_positions == "reference_kv" else uncond_pos[:, :len(kept_prefix)]
+            self.uncond_len = self._run_prefix(embeds[kept_prefix], prefix_pos,
+                                               _kept_splits(seq, self.prefix_len), row=self.batch)
+            self.uncond_query_pos = uncond_pos[:, len(kept_prefix):len(kept_prefix) + self.target_split.length]
+        for row in range(self.branches):
+            self.cache.copy_rows(row * self.batch, range(row * self.batch + 1, (row + 1) * self.batch),
+                                 self.prefix_len if row == 0 else self.uncond_len)
+
+    def _run_prefix(self, embeds: torch.Tensor, pos: torch.Tensor, splits: list, row: int) -> int:
+        """Prefill splits one by one (causal text sees the cache + earlier tokens; visual blocks are
+        bidirectional). `embeds`/`pos` are already restricted to these splits, in order."""
+        offset = 0
+        for split in splits:
+            part = slice(offset, offset + split.length)
+            gen = self.seq.gen_mask[split.start:split.end]
+            self.llm(embeds[part].unsqueeze(0), pos[:, part].unsqueeze(0), segments_from_mask(gen),
+                     cache=self.cache, start=offset, causal=split.mode == "causal", rows=slice(row, row + 1))
+            offset += split.length
+        return offset
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def sample(self, state: TargetState, on_step: Callable[[StepInfo], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        x, frozen = state.x.to(self.opts.state_dtype), state.frozen
+        total = self.opts.steps
+        for i in range(total):
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled at step {i + 1}/{total}")
+            t, dt = float(self.timesteps[i]), float(self.timesteps[i] - self.timesteps[i + 1])
+            v_cond, v_uncond = self._velocities(x, t, frozen)
+            v = v_cond
+            if v_uncond is not None:
+                g = self.opts.guidance
+                v = renormalize(v_uncond + g.scale * (v_cond - v_uncond), v_cond, g.renorm, g.renorm_min)
+            x0 = x.float() - t * v
+            x0[:, :frozen] = x[:, :frozen].float()
+            x[:, frozen:] = (x[:, frozen:].float() - v[:, frozen:] * dt).to(x.dtype)
+            if on_step is not None:
+                on_step(StepInfo(i, total, t, x0, v_cond, v_uncond, v))
+        return x.float()
+
+    def _velocities(self, x: torch.Tensor, t: float, frozen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n = x.shape[0], x.shape[1]
+        t_tokens = torch.full((b, n), t, dtype=torch.float32)
+        t_tokens[:, :frozen] = 0.0
+        latent = self.llm.embed_latents(x, t_tokens, self.pos_embed)
+        markers = self.marker_embeds.to(latent.dtype).unsqueeze(0).expand(b, -1, -1)
+        query = torch.cat([markers[:, :1], latent, markers[:, 1:]], dim=1)
+        guided = self.guided and self.opts.guidance.active(t)
+        if not guided:
+            return self._forward(query, self.cond_query_pos, rows=slice(0, b), start=self.prefix_len), None
+        if not self.opts.batched_cfg:
+            v_cond = self._forward(query, self.cond_query_pos, rows=slice(0, b), start=self.prefix_len)
+            v_uncond = self._forward(query, self.uncond_query_pos, rows=slice(b, 2 * b), start=self.uncond_len)
+            return v_cond, v_uncond
+        pos = torch.cat([self.cond_query_pos.expand(b, -1, -1), self.uncond_query_pos.expand(b, -1, -1)])
+        v = self._forward(torch.cat([query, query]), pos, rows=slice(0, 2 * b), start=self.prefix_len,
+                          key_mask=self._uncond_key_mask(b, query.shape[1]))
+        return v[:b], v[b:]
+
+    def _forward(self, query, pos, rows, start, key_mask=None) -> torch.Tensor:
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(0).expand(query.shape[0], -1, -1)
+        out = self.llm(query, pos, self._query_segments(query.shape[1]), cache=self.cache, start=start,
+                       causal=False, key_mask=key_mask, rows=rows)
+        return self.llm.velocity(out[:, 1:-1])
+
+    def _query_segments(self, length: int):
+        gen = torch.ones(length, dtype=torch.bool)
+        gen[0] = gen[-1] = False
+        return segments_from_mask(gen)
+
+    def _uncond_key_mask(self, b: int, query_len: int) -> torch.Tensor:
+        """[2B, 1, 1, K]: uncond rows may not see the unused tail of their (shorter) prefix slot."""
+        keys = self.prefix_len + query_len
+        mask = torch.ones(2 * b, 1, 1, keys, dtype=torch.bool, device=self.llm.device)
+        mask[b:, :, :, self.uncond_len:self.prefix_len] = False
+        return mask
+
+
+def _kept_splits(seq: PackedSequence, prefix_len: int) -> list:
+    """Prefix splits of the uncond branch: those whose first token is not the caption (reference rule)."""
+    return [s for s in seq.splits if s.end <= prefix_len and s.code != 0]
