@@ -37,7 +37,7 @@ class Attention:
                  causal_bottom_right: bool = False) -> torch.Tensor:
         if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
             return _flash(q, k, v, causal_bottom_right)
-        if causal_bottom_right:
+        if causal_bottom_right and q.shape[2] > 1:  # a single query row may see every key
             causal = bottom_right_causal_mask(q.shape[2], k.shape[2], q.device)
             mask = causal if mask is None else mask & causal
         return _sdpa(q, k, v, mask)

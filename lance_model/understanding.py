@@ -1,0 +1,131 @@
+"""Understanding (x2t): prompt packing, one prefill, then token-by-token decoding over a preallocated KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import LLMConfig
+from .errors import Cancelled, InputError
+from .llm import LanceLLM, Segment, segments_from_mask
+from .packing import PackedSequence, pack
+from .templates import Text, Visual
+from .tokenizer import LanceTokenizer
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 = greedy (the reference default)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class DecodeResult:
+    ids: list[int]            # generated ids, stop token included when produced
+    logits: torch.Tensor      # [steps, vocab] raw logits of every decode step (fp32, CPU)
+    stopped: bool
+
+
+def understanding_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instruction: str, question: str,
+                           vit_grid: tuple[int, int, int] | None, history: list[Text] = ()) -> PackedSequence:
+    """system = instruction; user = [history texts] [media] [question]; the prompt ends after `assistant\\n`."""
+    user = list(history)
+    if vit_grid is not None:
+        tokens = vit_grid[0] * vit_grid[1] * vit_grid[2] // (cfg.spatial_merge_size ** 2)
+        user.append(Visual("vit", tokens, vit_grid))
+    if question:
+        tokenizer.encode_user_text(question, "question")
+        user.append(Text(question))
+    tokenizer.encode_user_text(instruction, "instruction")
+    return pack(tokenizer, cfg, instruction, user, [], close_assistant=False, shift_positions=False)
+
+
+def prompt_embeddings(llm: LanceLLM, seq: PackedSequence, vit_embeds: list[torch.Tensor]) -> torch.Tensor:
+    embeds = llm.embed_text(seq.ids).clone()
+    for block, vit in zip(seq.blocks_with_role("vit"), vit_embeds):
+        embeds[block.payload] = vit.to(embeds)
+    return embeds
+
+
+def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int],
+           vocab_limit: int, sampling: SamplingOptions = SamplingOptions(),
+           on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None) -> DecodeResult:
+    if max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    sampling.validate()
+    prompt_len = len(seq)
+    cache = llm.new_cache(1, prompt_len + max_new_tokens)
+    und = [Segment(0, 1, False)]
+    generator = torch.Generator("cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+    with torch.inference_mode():
+        hidden = _prefill(llm, seq, embeds, cache)
+        next_pos = int(seq.positions[:, -1].max()) + 1
+        ids, all_logits, stopped = [], [], False
+        for step in range(max_new_tokens):
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled after {step} generated tokens")
+            logits = llm.logits(hidden[:, -1])[0].cpu()
+            all_logits.append(logits)
+            token = choose_token(logits, ids, vocab_limit, sampling, generator)
+            ids.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stop_ids:
+                stopped = True
+                break
+            if step + 1 == max_new_tokens:
+                break
+            pos = torch.full((1, 3, 1), next_pos + step, dtype=torch.long)
+            hidden = llm(llm.embed_text(torch.tensor([[token]])), pos, und, cache=cache,
+                         start=prompt_len + step, causal=True)
+    return DecodeResult(ids, torch.stack(all_logits), stopped)
+
+
+def _prefill(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, cache) -> torch.Tensor:
+    """Split by split (causal text, bidirectional ViT blocks); returns the hidden states of the last split."""
+    hidden = None
+    for split in seq.splits:
+        part = slice(split.start, split.end)
+        hidden = llm(embeds[part].unsqueeze(0), seq.positions[:, part].unsqueeze(0),
+                     segments_from_mask(seq.gen_mask[part]), cache=cache, start=split.start,
+                     causal=split.mode == "causal")
+    return hidden
+
+
+def choose_token(logits: torch.Tensor, history: list[int], vocab_limit: int, sampling: SamplingOptions,
+                 generator: torch.Generator | None) -> int:
+    logits = logits.clone()
+    logits[vocab_limit:] = float("-inf")  # rows past the tokenizer are untrained padding
+    if sampling.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)))
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
