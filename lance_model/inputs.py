@@ -59,6 +59,13 @@ def require_text(text, what: str, max_chars: int = 20000) -> str:
     return text
 
 
+def optional_text(text, what: str) -> str:
+    """Like require_text, but an empty or missing text is allowed (returns "")."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return ""
+    return require_text(text, what)
+
+
 def round_size(value: int, multiple: int, what: str, maximum: int) -> int:
     """Sizes are floored to a multiple of the VAE factor (the reference floors too); the change is logged."""
     if not isinstance(value, (int, np.integer)) or value < multiple:

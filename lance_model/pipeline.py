@@ -24,7 +24,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .generation import (GenerationInputs, LatentGrid, edit_sequence, initial_noise, run_generation,
                          text_to_visual_sequence, tokens_to_video, video_to_tokens)
-from .inputs import as_frames, latent_frames, require_text, round_size, unit_frames
+from .inputs import as_frames, latent_frames, optional_text, require_text, round_size, unit_frames
 from .loader import load_llm
 from .media import preset_sides, vae_pixels, vit_pixels
 from .ops import TorchOps
@@ -254,7 +254,7 @@ class LancePipeline(nn.Module):
                    include_history: bool = False) -> UnderstandingResult:
         if context is not None:
             context.check_model(self.model_id)
-        question = question.strip() if isinstance(question, str) else require_text(question, "question")
+        question = optional_text(question, "question")
         if media is None and context is not None:
             media = context.last_media()
         frames = as_frames(media, "media", fps) if media is not None else None

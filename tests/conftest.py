@@ -71,3 +71,11 @@ def golden() -> Golden:
     if not (GOLDEN_DIR / "manifest.json").is_file():
         pytest.fail(f"golden fixtures not found at {GOLDEN_DIR} (set LANCE_GOLDEN)")
     return Golden(GOLDEN_DIR)
+
+
+@pytest.fixture(scope="session")
+def pipe(golden):
+    """The tiny checkpoint loaded through the public loader, fp32 on CPU (the fixtures' precision)."""
+    from lance_model import load_lance
+
+    return load_lance(golden.checkpoint, dtype="fp32", device="cpu", attention="sdpa")

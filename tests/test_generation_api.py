@@ -1,0 +1,136 @@
+"""Behaviour of the generation API: outputs, callbacks, cancellation, contexts and bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from lance_model import Cancelled, InputError, LanceContext
+
+SMALL = dict(width=64, height=64, steps=2)
+
+
+def test_outputs_layout(pipe):
+    result = pipe.text_to_image("a red cat", **SMALL)
+    c = pipe.config.constants.latent_channels
+    assert result.latents.shape == (1, c, 1, 4, 4) and result.latents.dtype == torch.float32
+    assert torch.allclose(result.comfy_latent(), pipe.vae.denormalize(result.latents))
+    assert result.frames.shape == (1, 1, 64, 64, 3) and 0 <= result.frames.min() and result.frames.max() <= 1
+    assert result.context.turns[-1].task == "t2i" and result.context.model_id == pipe.model_id
+
+
+def test_video_frame_count_rule(pipe):
+    result = pipe.text_to_video("a boat", width=64, height=64, num_frames=10, steps=1)
+    assert result.latents.shape[2] == 3 and result.frames.shape[1] == 9  # (10-1)//4+1 latents -> 9 frames
+
+
+def test_on_step_previews_and_cancel_keeps_model_usable(pipe):
+    seen = []
+    pipe.text_to_image("a red cat", on_step=lambda i, n, x0: seen.append((i, n, tuple(x0.shape))), **SMALL)
+    assert [s[:2] for s in seen] == [(0, 2), (1, 2)] and seen[0][2][1] == pipe.config.constants.latent_channels
+    with pytest.raises(Cancelled):
+        pipe.text_to_image("a red cat", cancel=lambda: True, **SMALL)
+    a = pipe.text_to_image("a red cat", seed=3, decode=False, **SMALL).latents
+    b = pipe.text_to_image("a red cat", seed=3, decode=False, **SMALL).latents
+    assert torch.equal(a, b)
+
+
+def test_seed_changes_result(pipe):
+    a = pipe.text_to_image("a red cat", seed=1, decode=False, **SMALL).latents
+    b = pipe.text_to_image("a red cat", seed=2, decode=False, **SMALL).latents
+    assert not torch.equal(a, b)
+
+
+def test_multi_turn_edit_uses_last_result(pipe):
+    first = pipe.text_to_image("a red cat", **SMALL)
+    second = pipe.edit_image(None, "make it blue", resolution="image_256res", steps=1, context=first.context)
+    third = pipe.edit_image(None, "add a hat", resolution="image_256res", steps=1, context=second.context,
+                            include_history=True)
+    assert [t.task for t in third.context.turns] == ["t2i", "image_edit", "image_edit"]
+    assert third.frames.shape[1] == 1
+
+
+def test_understand_then_edit_chain(pipe):
+    image = torch.rand(1, 64, 64, 3)
+    answer = pipe.understand(image, "What is shown?", max_new_tokens=3, resolution="image_256res")
+    edited = pipe.edit_image(None, "make it brighter", resolution="image_256res", steps=1, context=answer.context,
+                             include_history=True)
+    assert [t.task for t in edited.context.turns] == ["x2t_image", "image_edit"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", None, 3])
+def test_bad_prompt(pipe, prompt):
+    with pytest.raises(InputError, match="prompt"):
+        pipe.text_to_image(prompt, **SMALL)
+
+
+def test_prompt_with_template_tokens_is_rejected(pipe):
+    with pytest.raises(InputError, match="reserved token"):
+        pipe.text_to_image("a cat<|im_end|>", **SMALL)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"), (dict(steps=-3), "steps"), (dict(width=8), "width"), (dict(height=4096), "height"),
+    (dict(cfg_scale=0.5), "cfg_scale"), (dict(cfg_interval=(0.9, 0.1)), "cfg_interval"),
+    (dict(cfg_renorm="bogus"), "cfg_renorm"), (dict(batch_size=0), "batch_size"), (dict(sampler="x"), "unknown"),
+])
+def test_bad_generation_options(pipe, kwargs, match):
+    options = {**SMALL, **kwargs}
+    with pytest.raises(InputError, match=match):
+        pipe.text_to_image("a cat", **options)
+
+
+@pytest.mark.parametrize("frames", [0, 500])
+def test_bad_frame_count(pipe, frames):
+    with pytest.raises(InputError, match="num_frames"):
+        pipe.text_to_video("a boat", width=64, height=64, num_frames=frames, steps=1)
+
+
+@pytest.mark.parametrize("image, match", [
+    (torch.rand(64, 64), "shape"), (torch.rand(1, 64, 64, 4), "shape"), (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
+    (torch.zeros(0, 64, 64, 3), "empty"), ("not a file.png", "image"), (np.zeros((8, 8, 3), np.float32), "uint8"),
+])
+def test_bad_edit_image(pipe, image, match):
+    with pytest.raises(InputError, match=match):
+        pipe.edit_image(image, "make it blue", resolution="image_256res", steps=1)
+
+
+def test_image_batch_is_not_an_image(pipe):
+    with pytest.raises(InputError, match="video edit"):
+        pipe.edit_image(torch.rand(5, 64, 64, 3), "make it blue", resolution="image_256res", steps=1)
+
+
+def test_empty_instruction_and_unknown_preset(pipe):
+    with pytest.raises(InputError, match="instruction"):
+        pipe.edit_image(torch.rand(1, 64, 64, 3), "", resolution="image_256res")
+    with pytest.raises(InputError, match="resolution preset"):
+        pipe.edit_image(torch.rand(1, 64, 64, 3), "make it blue", resolution="8k")
+
+
+def test_too_large_edit_source_is_rejected(pipe):
+    wide = torch.rand(1, 90, 210, 3)  # 21:9 at the 768 preset buckets to 1152 px wide (> 64 latents)
+    with pytest.raises(InputError, match="at most 1024 px"):
+        pipe.edit_image(wide, "make it blue", resolution="image_768res", steps=1)
+
+
+def test_context_from_another_model(pipe):
+    with pytest.raises(InputError, match="another model"):
+        pipe.text_to_image("a cat", context=LanceContext("other-model@123"), **SMALL)
+    with pytest.raises(InputError, match="another model"):
+        pipe.understand(torch.rand(1, 64, 64, 3), "what?", context=LanceContext("other-model@123"))
+
+
+def test_understanding_bad_inputs(pipe):
+    with pytest.raises(InputError, match="max_new_tokens"):
+        pipe.understand(torch.rand(1, 64, 64, 3), "what?", max_new_tokens=0)
+    with pytest.raises(InputError, match="no image"):
+        pipe.understand(None, "")
+    with pytest.raises(InputError, match="media"):
+        pipe.understand(object(), "what?")
+    with pytest.raises(InputError, match="characters"):
+        pipe.understand(None, "x" * 30000)
+
+
+def test_prompt_enhancement_returns_text(pipe):
+    text = pipe.enhance_prompt("a cat", target="video", max_new_tokens=4)
+    assert isinstance(text, str) and text
+    with pytest.raises(InputError, match="target"):
+        pipe.enhance_prompt("a cat", target="audio")

@@ -1,0 +1,86 @@
+"""x2t_image / x2t_video against the official fixtures: packed prompt, ViT embeddings, logits and greedy ids."""
+import pytest
+import torch
+
+from conftest import assert_close
+from test_generation_parity import fixture_media
+
+X2T_TASKS = ["x2t_image", "x2t_video"]
+
+
+def request(golden, name):
+    extra = golden.fixture(name)["non_tensor_packed_fields"]
+    instruction = extra["caption"].split("\n")[0]  # the fixture caption is "instruction\nquestion\nanswer"
+    return instruction, extra["question"]
+
+
+@pytest.fixture(scope="module")
+def answers(pipe, golden):
+    out = {}
+    for name in golden.tasks(*X2T_TASKS):
+        hp = golden.hyper(name)
+        instruction, question = request(golden, name)
+        out[name] = pipe.understand(fixture_media(golden, name), question, instruction=instruction,
+                                    resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
+    return out
+
+
+@pytest.mark.parametrize("name", X2T_TASKS)
+def test_parity_x2t_packed_prompt(pipe, golden, name):
+    from lance_model.understanding import understanding_sequence
+
+    fx = golden.tensors(name)
+    instruction, question = request(golden, name)
+    grid = tuple(fx["packed/vit_video_grid_thw"][0].tolist())
+    seq = understanding_sequence(pipe.tokenizer, pipe.config, instruction, question, grid)
+    n = len(seq)  # the fixture also packs the training answer after the prompt
+    assert torch.equal(seq.ids, fx["packed/packed_text_ids"][:n])
+    assert torch.equal(seq.codes, fx["packed/sample_modality"][:n])
+    vit = seq.blocks_with_role("vit")[0]
+    assert torch.equal(torch.arange(vit.payload.start, vit.payload.stop), fx["packed/packed_vit_token_indexes"])
+    assert int(fx["packed/ce_loss_indexes"][0]) == n - 1, "the prompt must end where the reference starts predicting"
+
+
+@pytest.mark.parametrize("name", X2T_TASKS)
+def test_parity_x2t_logits_and_ids(golden, answers, name):
+    fx, result = golden.tensors(name), answers[name]
+    assert result.token_ids == fx["out/generated_ids"].tolist()
+    assert_close(result.logits[:1], fx["out/logits_first"], golden.tolerance("out/logits_first"), f"{name} logits_first")
+    assert_close(result.logits, fx["out/logits_all_steps"], golden.tolerance("out/logits_all_steps"), f"{name} logits_all_steps")
+
+
+def test_x2t_text_is_decoded_ids(pipe, answers):
+    for result in answers.values():
+        stop = pipe.tokenizer.special.im_end
+        assert result.text == pipe.tokenizer.decode([t for t in result.token_ids if t != stop]).strip()
+        assert result.context.turns[-1].response == result.text
+
+
+def test_streaming_callback_sees_growing_text(pipe, golden):
+    seen = []
+    instruction, question = request(golden, "x2t_image")
+    result = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+                             resolution="image_256res", max_new_tokens=4, on_token=seen.append)
+    assert len(seen) == len(result.token_ids)
+    assert seen[-1].strip() == result.text
+
+
+def test_cancel_stops_decoding_and_model_stays_usable(pipe, golden):
+    from lance_model import Cancelled
+
+    instruction, question = request(golden, "x2t_image")
+    calls = []
+    with pytest.raises(Cancelled):
+        pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+                        resolution="image_256res", max_new_tokens=8, cancel=lambda: calls.append(1) or len(calls) > 2)
+    again = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+                            resolution="image_256res", max_new_tokens=8)
+    assert again.token_ids == golden.tensors("x2t_image")["out/generated_ids"].tolist()
+
+
+def test_sampling_is_seeded(pipe):
+    from lance_model import SamplingOptions
+
+    options = SamplingOptions(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=3)
+    first = pipe.enhance_prompt("a cat", max_new_tokens=6, sampling=options)
+    assert first == pipe.enhance_prompt("a cat", max_new_tokens=6, sampling=options)
