@@ -1,0 +1,199 @@
+"""The one place that knows about ComfyUI version differences.
+
+Supported hosts: ComfyUI 0.3.64 (the test host in ../shared/comfyui) and current upstream. Everything the nodes
+need from ComfyUI goes through this module, so a future API change is fixed here only.
+
+Differences handled (checked against 0.3.64's comfy_api/latest and upstream master):
+- `io.Schema` grew fields after 0.3.64 (search_aliases, essentials_category, is_dev_only, accept_all_inputs,
+  has_intermediate_output, price_badge): `schema()` drops keywords the running version does not know.
+- `io.Video` / `InputImpl.VideoFromComponents` / `Types.VideoComponents` exist in both, but older hosts lacked
+  them: `HAS_VIDEO` gates the VIDEO outputs (the IMAGE output always carries the frames).
+- upstream re-exports io/ui through `_io_public`/`_ui_public`; importing `comfy_api.latest` works in both.
+- `ComfyExtension.on_load()` is never called by 0.3.64: setup runs at import / in `comfy_entrypoint()`.
+- `PromptServer.send_progress_text` (text streamed to a node) may be missing on old/embedded hosts: optional.
+- `comfy.model_management` internals used for unloading (`current_loaded_models`, `LoadedModel.model_unload`)
+  are looked up defensively.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from fractions import Fraction
+
+import torch
+
+from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported for the node modules)
+
+try:  # present in 0.3.64 and upstream
+    from comfy_api.latest import InputImpl, Types
+except ImportError:  # pragma: no cover - very old hosts
+    InputImpl = Types = None
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+log = logging.getLogger("lance_nodes")
+
+MODEL_FOLDER = "lance"
+
+HAS_VIDEO = (hasattr(io, "Video") and InputImpl is not None and hasattr(InputImpl, "VideoFromComponents")
+             and Types is not None and hasattr(Types, "VideoComponents"))
+
+_SCHEMA_FIELDS = set(inspect.signature(io.Schema).parameters)
+
+
+def schema(**kwargs) -> io.Schema:
+    """io.Schema without the keywords this ComfyUI version does not know."""
+    return io.Schema(**{k: v for k, v in kwargs.items() if k in _SCHEMA_FIELDS})
+
+
+def video_outputs(display_name: str = "video") -> list:
+    """[io.Video.Output] where the host has VIDEO, else [] (the IMAGE output carries the frames)."""
+    if not HAS_VIDEO:
+        return []
+    return [io.Video.Output(display_name=display_name, tooltip="The first sample as a VIDEO (for SaveVideo).")]
+
+
+def make_video(frames: torch.Tensor, fps: float):
+    """VIDEO from IMAGE frames [T,H,W,3] (0..1, CPU)."""
+    components = Types.VideoComponents(images=frames, audio=None, frame_rate=Fraction(fps).limit_denominator(1000))
+    return InputImpl.VideoFromComponents(components)
+
+
+# ---------------------------------------------------------------- model folder
+def register_model_folder() -> None:
+    """models/lance (+ any `lance:` entry of extra_model_paths.yaml, which ComfyUI adds itself)."""
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    known = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
+    if known is None or default not in known[0]:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, default)
+
+
+def model_roots() -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(MODEL_FOLDER))
+    except KeyError:
+        return []
+
+
+def list_model_entries() -> list[str]:
+    """Names of the entries of every `lance` model folder. Release folders are what belongs there; files are
+    listed too so that a misplaced file gets a clear error on the node instead of silently vanishing."""
+    names = set()
+    for root in model_roots():
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            if name.startswith(".") or name.startswith("put_") or name.endswith(".txt"):
+                continue
+            names.add(name)
+    return sorted(names)
+
+
+def model_path(name: str) -> str | None:
+    for root in model_roots():
+        path = os.path.join(root, name)
+        if os.path.lexists(path):
+            return path
+    return None
+
+
+# ---------------------------------------------------------------- devices and memory
+def load_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    return mm.unet_offload_device()
+
+
+def supports_bf16(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        return bool(mm.should_use_bf16(device))
+    except Exception:  # noqa: BLE001 - older signatures
+        return torch.cuda.is_bf16_supported()
+
+
+def manual_cast_ops():
+    """ComfyUI's cast-on-the-fly ops (low-VRAM partial loading reaches only layers built from these)."""
+    import comfy.ops
+    return comfy.ops.manual_cast
+
+
+def model_patcher(module: torch.nn.Module, size: int = 0):
+    import comfy.model_patcher
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device(), offload_device=offload_device(),
+                                            size=size)
+
+
+def load_to_device(patcher, full: bool) -> None:
+    mm.load_models_gpu([patcher], force_full_load=full)
+
+
+def unload(patcher) -> None:
+    """Move one model off the GPU (offload memory mode) and forget it in ComfyUI's loaded-model list."""
+    loaded = getattr(mm, "current_loaded_models", None)
+    if loaded is None:
+        return
+    for index in range(len(loaded) - 1, -1, -1):
+        entry = loaded[index]
+        if getattr(entry, "model", None) is patcher:
+            try:
+                entry.model_unload()
+            finally:
+                loaded.pop(index)
+    mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------- interrupt, progress, previews
+InterruptProcessingException = mm.InterruptProcessingException
+OOM_EXCEPTION = mm.OOM_EXCEPTION
+
+
+def interrupted() -> bool:
+    return bool(mm.processing_interrupted())
+
+
+def raise_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception (and clear the flag, as ComfyUI's own samplers do)."""
+    mm.throw_exception_if_processing_interrupted()
+    raise mm.InterruptProcessingException()
+
+
+def progress_bar(total: int):
+    return comfy.utils.ProgressBar(total)
+
+
+def wan22_previewer():
+    """Latent -> RGB previewer for the Wan2.2 48-channel latent (None when previews are off: --preview-method none)."""
+    try:
+        import comfy.latent_formats
+        import latent_preview
+        return latent_preview.get_previewer(load_device(), comfy.latent_formats.Wan22())
+    except Exception as exc:  # noqa: BLE001 - previews are cosmetic
+        log.debug("no latent previewer: %s", exc)
+        return None
+
+
+def preview_image(previewer, x0: torch.Tensor):
+    if previewer is None:
+        return None
+    return previewer.decode_latent_to_preview_image("JPEG", x0.detach().float())
+
+
+def send_text(node_id, text: str) -> None:
+    """Stream text to a node's UI (ComfyUI shows it on the node while it runs)."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+        server = getattr(PromptServer, "instance", None)
+        sender = getattr(server, "send_progress_text", None)
+        if sender is not None:
+            sender(text, str(node_id))
+    except Exception as exc:  # noqa: BLE001 - streaming is cosmetic
+        log.debug("send_progress_text failed: %s", exc)

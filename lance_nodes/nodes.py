@@ -1,0 +1,378 @@
+"""The Lance nodes (ComfyUI V3 schema). Thin glue: every computation is a call into `lance_model`.
+
+Widget order is part of the released contract (UI workflows store widget values by position):
+tests/test_nodes_schema.py freezes it. Append new inputs at the end only.
+"""
+from __future__ import annotations
+
+from . import compat, runtime
+from .compat import io, ui
+from .library import input_error, lance_model
+
+CATEGORY = "Lance"
+
+LanceModelType = io.Custom("LANCE_MODEL")
+LanceContextType = io.Custom("LANCE_CONTEXT")
+
+IMAGE_RESOLUTIONS = ["image_256res", "image_512res", "image_768res"]
+VIDEO_RESOLUTIONS = ["video_192p", "video_360p", "video_480p"]
+CFG_RENORM = ["global", "channel", "text_channel"]
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MAX_SIZE = 2048
+SIZE_STEP = 16
+
+
+# ---------------------------------------------------------------- shared input groups (order = contract)
+def _model_input():
+    return LanceModelType.Input("model", tooltip="The model from a Lance Loader node.")
+
+
+def _context_input():
+    return LanceContextType.Input(
+        "context", optional=True,
+        tooltip="Conversation so far (from another Lance node): multi-turn edits, understand -> edit chains. "
+                "Leave unconnected to start a new conversation.")
+
+
+def _sampling_inputs(steps: int = 30):
+    return [
+        io.Int.Input("steps", default=steps, min=1, max=200, step=1, tooltip="Denoising steps."),
+        io.Float.Input("shift", default=3.5, min=0.1, max=20.0, step=0.05, tooltip="Timestep shift of the flow schedule."),
+        io.Float.Input("cfg_scale", default=4.0, min=0.0, max=20.0, step=0.1,
+                       tooltip="Text classifier-free guidance scale (1.0 = no guidance)."),
+        io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guidance is applied for timesteps in [start, end]."),
+        io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global",
+                       tooltip="How the guided velocity is renormalised."),
+        io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
+        io.Int.Input("seed", default=42, min=0, max=SEED_MAX, control_after_generate=True),
+        io.Int.Input("batch_size", default=1, min=1, max=16, step=1),
+    ]
+
+
+def _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed,
+                batch_size) -> dict:
+    if cfg_interval_start > cfg_interval_end:
+        raise input_error(f"cfg_interval_start ({cfg_interval_start}) must not be greater than "
+                          f"cfg_interval_end ({cfg_interval_end})")
+    return dict(steps=int(steps), shift=float(shift), cfg_scale=float(cfg_scale),
+                cfg_interval=(float(cfg_interval_start), float(cfg_interval_end)), cfg_renorm=cfg_renorm,
+                cfg_renorm_min=float(cfg_renorm_min), seed=int(seed), batch_size=int(batch_size))
+
+
+def _image_outputs():
+    return [io.Latent.Output(display_name="latent", tooltip="Wan2.2-layout LATENT (core VAEDecode with the Wan2.2 VAE decodes it)."),
+            io.Image.Output(display_name="image")]
+
+
+def _video_outputs():
+    return [io.Latent.Output(display_name="latent", tooltip="Wan2.2-layout LATENT (core VAEDecode with the Wan2.2 VAE decodes it)."),
+            io.Image.Output(display_name="frames", tooltip="All frames of all samples as an IMAGE batch.")] \
+        + compat.video_outputs()
+
+
+def _context_output():
+    return LanceContextType.Output(display_name="context", tooltip="The conversation with this turn appended.")
+
+
+def _video_result(result, fps: float) -> list:
+    frames = runtime.frames_to_image(result.frames)
+    values = [runtime.latent_output(result), frames]
+    if compat.HAS_VIDEO:
+        first = result.frames[0] if result.frames.ndim == 5 else result.frames
+        values.append(compat.make_video(runtime.frames_to_image(first), fps))
+    return values
+
+
+# ---------------------------------------------------------------- loader
+class LanceLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceLoader", display_name="Lance Loader", category=CATEGORY,
+            description="Loads a Lance release folder from models/lance/. The model is loaded once and shared by "
+                        "every Lance node and queue run; ComfyUI manages its memory.",
+            inputs=[
+                io.Combo.Input("model_name", options=compat.list_model_entries(),
+                               tooltip="A release folder in models/lance/ (Lance_3B or Lance_3B_Video, "
+                                       "Qwen2.5-VL-ViT, Wan2.2_VAE.pth)."),
+                io.Combo.Input("variant", options=["auto", "image", "video"], default="auto",
+                               tooltip="Which Lance weights of the folder: image (Lance_3B) or video "
+                                       "(Lance_3B_Video); auto prefers image."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], default="auto",
+                               tooltip="auto: bf16 on GPUs that support it, fp32 otherwise."),
+                io.Combo.Input("attention", options=["auto", "sdpa", "flash"], default="auto",
+                               tooltip="Attention backend; flash needs the flash-attn package."),
+                io.Combo.Input("memory_mode", options=list(runtime.MEMORY_MODES), default="resident",
+                               tooltip="resident: keep the weights on the GPU between runs. offload: move them "
+                                       "back to RAM after each node (for small GPUs)."),
+            ],
+            outputs=[LanceModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, variant, dtype, attention, memory_mode):
+        return io.NodeOutput(runtime.get_model(model_name, variant, dtype, attention, memory_mode))
+
+
+# ---------------------------------------------------------------- generation
+class LanceT2I(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceT2I", display_name="Lance Text to Image", category=CATEGORY,
+            description="Generates images from a text prompt.",
+            inputs=[
+                _model_input(),
+                io.String.Input("prompt", multiline=True, default="A red fox in a snowy forest at dawn, photorealistic."),
+                io.Int.Input("width", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP),
+                io.Int.Input("height", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP),
+                *_sampling_inputs(30),
+                _context_input(),
+            ],
+            outputs=[*_image_outputs(), _context_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt, width, height, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
+                cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+        model = runtime.check_model(model)
+        context = runtime.check_context(context, model)
+        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
+                          seed, batch_size)
+        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height), context=context, **gen)
+        return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
+
+
+class LanceT2V(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceT2V", display_name="Lance Text to Video", category=CATEGORY,
+            description="Generates a video from a text prompt; with a start image connected it animates that "
+                        "image (image to video).",
+            inputs=[
+                _model_input(),
+                io.String.Input("prompt", multiline=True, default="A small boat sails across a calm lake at sunset."),
+                io.Int.Input("width", default=848, min=64, max=MAX_SIZE, step=SIZE_STEP),
+                io.Int.Input("height", default=480, min=64, max=MAX_SIZE, step=SIZE_STEP),
+                io.Int.Input("num_frames", default=61, min=1, max=241, step=4, tooltip="4k+1 frames (1, 5, ..., 61, ...)."),
+                io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
+                               tooltip="Resolution preset used to prepare the start image."),
+                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output."),
+                *_sampling_inputs(30),
+                io.Image.Input("start_image", optional=True, tooltip="Optional first frame: image to video."),
+                _context_input(),
+            ],
+            outputs=[*_video_outputs(), _context_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt, width, height, num_frames, resolution, fps, steps, shift, cfg_scale,
+                cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size,
+                start_image=None, context=None):
+        model = runtime.check_model(model)
+        context = runtime.check_context(context, model)
+        if start_image is not None:
+            start_image = runtime.check_image(start_image, "start_image")
+        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
+                          seed, batch_size)
+        result = runtime.run(model, "text_to_video", prompt, width=int(width), height=int(height),
+                             num_frames=int(num_frames), start_image=start_image, resolution=resolution,
+                             context=context, **gen)
+        return io.NodeOutput(*_video_result(result, fps), result.context)
+
+
+class LanceEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceEdit", display_name="Lance Image Edit", category=CATEGORY,
+            description="Edits an image following an instruction. Chain the context output into another Lance "
+                        "Edit for multi-turn editing.",
+            inputs=[
+                _model_input(),
+                io.Image.Input("image", tooltip="One image (an IMAGE batch of 1)."),
+                io.String.Input("instruction", multiline=True, default="Make the sky a warm sunset orange."),
+                io.Combo.Input("resolution", options=IMAGE_RESOLUTIONS, default="image_768res",
+                               tooltip="Resolution preset the image is resized to."),
+                *_sampling_inputs(30),
+                _context_input(),
+            ],
+            outputs=[*_image_outputs(), _context_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+        model = runtime.check_model(model)
+        context = runtime.check_context(context, model)
+        image = runtime.check_image(image, "image")
+        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
+                          seed, batch_size)
+        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution, context=context, **gen)
+        return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
+
+
+class LanceVideoEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceVideoEdit", display_name="Lance Video Edit", category=CATEGORY,
+            description="Edits a video (an IMAGE batch of frames) following an instruction.",
+            inputs=[
+                _model_input(),
+                io.Image.Input("video", tooltip="The video's frames as an IMAGE batch (e.g. from Get Video Components)."),
+                io.String.Input("instruction", multiline=True, default="Change the car color to red."),
+                io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
+                               tooltip="Resolution preset the video is resized to."),
+                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output."),
+                *_sampling_inputs(30),
+                _context_input(),
+            ],
+            outputs=[*_video_outputs(), _context_output()],
+        )
+
+    @classmethod
+    def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+        model = runtime.check_model(model)
+        context = runtime.check_context(context, model)
+        video = runtime.check_video(video, "video")
+        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
+                          seed, batch_size)
+        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution, context=context, **gen)
+        return io.NodeOutput(*_video_result(result, fps), result.context)
+
+
+# ---------------------------------------------------------------- understanding and text
+def _sampling_options(temperature: float, top_p: float, seed: int):
+    """None = greedy decoding; otherwise the library's SamplingOptions."""
+    if temperature <= 0:
+        return None
+    options = getattr(lance_model(), "SamplingOptions", None)
+    if options is None:
+        raise input_error("temperature > 0 needs lance_model.SamplingOptions, which this library version lacks; use 0")
+    return options(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
+
+
+class LanceUnderstand(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceUnderstand", display_name="Lance Understand (image / video)", category=CATEGORY,
+            description="Answers a question about an image or a video. The answer streams onto the node; the "
+                        "context output continues the conversation (e.g. into Lance Image Edit).",
+            inputs=[
+                _model_input(),
+                io.String.Input("question", multiline=True, default="Describe this image in detail."),
+                io.String.Input("instruction", multiline=True, default="",
+                                tooltip="Optional system-style instruction (empty = the model's default)."),
+                io.Combo.Input("resolution", options=["auto", *IMAGE_RESOLUTIONS, *VIDEO_RESOLUTIONS], default="auto",
+                               tooltip="Resolution preset for the media; auto picks one for images / videos."),
+                io.Int.Input("max_new_tokens", default=256, min=1, max=4096, step=1),
+                io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05, tooltip="0 = greedy decoding."),
+                io.Float.Input("top_p", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True),
+                io.Image.Input("image", optional=True, tooltip="One image (connect either image or video)."),
+                io.Image.Input("video", optional=True, tooltip="Video frames as an IMAGE batch."),
+                _context_input(),
+            ],
+            outputs=[io.String.Output(display_name="text"), _context_output()],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, question, instruction, resolution, max_new_tokens, temperature, top_p, seed,
+                image=None, video=None, context=None):
+        model = runtime.check_model(model)
+        context = runtime.check_context(context, model)
+        if image is not None and video is not None:
+            raise input_error("image and video are both connected: connect one of them")
+        if image is not None:
+            media = runtime.check_image(image, "image")
+        elif video is not None:
+            media = runtime.check_video(video, "video")
+        elif context is not None:
+            media = None  # a follow-up question about media already in the conversation
+        else:
+            raise input_error("connect an image or a video (or a context that already holds one)")
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+
+        def on_token(text_so_far: str) -> None:
+            compat.send_text(node_id, text_so_far)
+
+        result = runtime.run(model, "understand", media, question, progress=False,
+                             instruction=instruction or None,
+                             resolution=None if resolution == "auto" else resolution,
+                             max_new_tokens=int(max_new_tokens), sampling=_sampling_options(temperature, top_p, seed),
+                             on_token=on_token, context=context)
+        return io.NodeOutput(result.text, result.context, ui=ui.PreviewText(result.text))
+
+
+class LancePromptEnhance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LancePromptEnhance", display_name="Lance Prompt Enhance", category=CATEGORY,
+            description="Rewrites a short prompt into a detailed one with Lance itself.",
+            inputs=[
+                _model_input(),
+                io.String.Input("prompt", multiline=True, default="a cat on a windowsill"),
+                io.Combo.Input("target", options=["image", "video"], default="image"),
+                io.Int.Input("max_new_tokens", default=256, min=1, max=4096, step=1),
+            ],
+            outputs=[io.String.Output(display_name="prompt")],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt, target, max_new_tokens):
+        model = runtime.check_model(model)
+        if not prompt or not prompt.strip():
+            raise input_error("prompt is empty: write a short prompt to enhance")
+        text = runtime.run(model, "enhance_prompt", prompt, progress=False, cancel=False, target=target,
+                           max_new_tokens=int(max_new_tokens))
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+# ---------------------------------------------------------------- helpers
+class LanceDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceDecode", display_name="Lance Decode Latent", category=CATEGORY,
+            description="Decodes a Wan2.2-layout LATENT with Lance's own VAE into an IMAGE batch (video frames "
+                        "flattened).",
+            inputs=[_model_input(), io.Latent.Input("samples")],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, model, samples):
+        model = runtime.check_model(model)
+        latent = runtime.check_latent(samples, "samples")
+        frames = runtime.run(model, "decode_comfy_latent", latent, progress=False, cancel=False)
+        return io.NodeOutput(runtime.frames_to_image(frames))
+
+
+class LanceContextView(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return compat.schema(
+            node_id="LanceContextView", display_name="Lance Context View", category=CATEGORY,
+            description="Shows the turns of a Lance conversation context as text.",
+            inputs=[LanceContextType.Input("context")],
+            outputs=[io.String.Output(display_name="text")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, context):
+        text = runtime.describe_context(context)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [LanceLoader, LanceT2I, LanceT2V, LanceEdit, LanceVideoEdit, LanceUnderstand, LancePromptEnhance,
+         LanceDecode, LanceContextView]

@@ -1,0 +1,260 @@
+"""Model cache, device placement, progress/preview/interrupt plumbing and input checks shared by the nodes.
+
+No model math here: every computation is a call into `lance_model`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from . import compat
+from .library import errors, input_error, lance_model
+
+log = logging.getLogger("lance_nodes")
+
+LATENT_CHANNELS = 48           # Wan2.2 VAE latent channels (ComfyUI's Wan22 latent format)
+
+
+class _PipeHolder(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages: the Lance pipeline as a submodule. ModelPatcher writes bookkeeping
+    attributes (device, model_lowvram, ...) onto the module it holds; keeping them off the pipeline itself means
+    the library's own attributes are never overwritten."""
+
+    def __init__(self, pipe: torch.nn.Module):
+        super().__init__()
+        self.pipe = pipe
+
+
+@dataclass
+class LanceModel:
+    """The value carried by LANCE_MODEL sockets: one loaded Lance release, shared by all nodes and queue runs."""
+
+    name: str
+    path: str
+    variant: str
+    dtype: str
+    attention: str
+    memory_mode: str
+    pipe: torch.nn.Module
+    patcher: object = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        return str(getattr(self.pipe, "model_id", ""))
+
+    def __repr__(self) -> str:  # shown by PreviewAny and in errors
+        return (f"LanceModel({self.name!r}, variant={getattr(self.pipe, 'variant', self.variant)}, "
+                f"dtype={getattr(self.pipe, 'dtype', self.dtype)}, memory={self.memory_mode})")
+
+    def acquire(self) -> torch.nn.Module:
+        """Put the weights where ComfyUI wants them (it may have offloaded them under memory pressure)."""
+        if self.patcher is not None:
+            compat.load_to_device(self.patcher, full=self.memory_mode == "resident")
+        return self.pipe
+
+    def release(self) -> None:
+        if self.patcher is not None and self.memory_mode == "offload":
+            compat.unload(self.patcher)
+
+
+_CACHE: dict[tuple, LanceModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+MEMORY_MODES = ("resident", "offload")
+
+
+def resolve_model_path(name: str) -> str:
+    path = compat.model_path(name) if name else None
+    if path is None:
+        roots = compat.model_roots()
+        raise errors().CheckpointError(
+            f"model_name: Lance model folder {name!r} not found in the 'lance' model folder(s) {roots}. "
+            f"Put a release folder (Lance_3B or Lance_3B_Video, Qwen2.5-VL-ViT, Wan2.2_VAE.pth) at "
+            f"models/lance/<name>/ and refresh.")
+    if not os.path.isdir(path):
+        raise errors().CheckpointError(
+            f"model_name: {path} is a file, not a folder. Each entry of models/lance must be a Lance release "
+            f"folder containing Lance_3B (or Lance_3B_Video), Qwen2.5-VL-ViT and Wan2.2_VAE.pth.")
+    return os.path.realpath(path)
+
+
+def _torch_dtype_name(dtype: str, device: torch.device) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bf16" if compat.supports_bf16(device) else "fp32"
+
+
+def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: str = "auto",
+              memory_mode: str = "resident") -> LanceModel:
+    """Load (once) and return the shared model for these options. Loading different options replaces the
+    cached model, so at most one Lance model is held by the pack."""
+    if memory_mode not in MEMORY_MODES:
+        raise input_error(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    path = resolve_model_path(name)
+    key = (path, variant, dtype, attention, memory_mode)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        for old_key in list(_CACHE):
+            old = _CACHE.pop(old_key)
+            if old.patcher is not None:
+                compat.unload(old.patcher)
+        target = compat.load_device()
+        lib = lance_model()
+        pipe = lib.load_lance(path, variant=variant, dtype=_torch_dtype_name(dtype, target),
+                              device=str(compat.offload_device()), attention=attention,
+                              operations=compat.manual_cast_ops())
+        patcher = compat.model_patcher(_PipeHolder(pipe))
+        model = LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
+                           memory_mode=memory_mode, pipe=pipe, patcher=patcher)
+        _CACHE[key] = model
+        log.info("Lance: loaded %s", model)
+        return model
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        for key in list(_CACHE):
+            model = _CACHE.pop(key)
+            if model.patcher is not None:
+                compat.unload(model.patcher)
+
+
+# ---------------------------------------------------------------- input checks (clear errors on the node)
+def check_model(model) -> LanceModel:
+    if not isinstance(model, LanceModel):
+        raise input_error(f"model: expected a LANCE_MODEL from the Lance Loader node, got {type(model).__name__}")
+    return model
+
+
+def check_context(context, model: LanceModel, what: str = "context"):
+    """None, or a LanceContext made by this same model."""
+    if context is None:
+        return None
+    lib = lance_model()
+    context_type = getattr(lib, "LanceContext", None)
+    if context_type is not None and not isinstance(context, context_type):
+        raise input_error(f"{what}: expected a LANCE_CONTEXT from a Lance node, got {type(context).__name__}")
+    context_id = getattr(context, "model_id", None)
+    if context_id is not None and model.model_id and context_id != model.model_id:
+        raise input_error(
+            f"{what}: this conversation context was made by another Lance model ({context_id}), but this node "
+            f"runs {model.name!r} ({model.model_id}). Connect a context produced with the same Lance Loader "
+            f"settings, or leave '{what}' unconnected to start a new conversation.")
+    return context
+
+
+def check_image(image, what: str = "image") -> torch.Tensor:
+    """A single image: IMAGE [1,H,W,3]."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise input_error(f"{what}: expected an IMAGE [batch, height, width, 3], got {shape}")
+    if image.shape[0] != 1:
+        raise input_error(
+            f"{what}: got an IMAGE batch of {image.shape[0]} images, but this input takes one image. "
+            f"Pick one (e.g. core 'ImageFromBatch'), or use a video input (Lance Video Edit / Understand 'video') "
+            f"if the batch is a video's frames.")
+    return image[..., :3]
+
+
+def check_video(frames, what: str = "video", min_frames: int = 2) -> torch.Tensor:
+    """A video as an IMAGE batch of frames [T,H,W,3], T >= min_frames."""
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise input_error(f"{what}: expected video frames as an IMAGE batch [frames, height, width, 3], got {shape}")
+    if frames.shape[0] < min_frames:
+        raise input_error(
+            f"{what}: got {frames.shape[0]} frame(s), but a video is needed (at least {min_frames} frames, "
+            f"typically 4k+1 such as 5, 17, 33 or 61). Load a video (core 'Load Video' -> 'Get Video Components'), "
+            f"or use the image input / Lance Edit for a single image.")
+    return frames[..., :3]
+
+
+def check_latent(latent, what: str = "samples") -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise input_error(f"{what}: expected a LATENT dict with 'samples', got {type(latent).__name__}")
+    if samples.ndim == 4:
+        samples = samples.unsqueeze(2)
+    if samples.ndim != 5 or samples.shape[1] != LATENT_CHANNELS:
+        raise input_error(
+            f"{what}: LATENT has shape {tuple(samples.shape)} ({samples.shape[1] if samples.ndim > 1 else '?'} "
+            f"channels); Lance uses the Wan2.2 latent with {LATENT_CHANNELS} channels [B,48,t,h,w]. "
+            f"This LATENT comes from another model family (e.g. SD/SDXL/Flux latents have 4 or 16 channels).")
+    return samples
+
+
+# ---------------------------------------------------------------- running with progress / previews / interrupt
+class _Progress:
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        self.bar = compat.progress_bar(self.total)
+        self.previewer = compat.wan22_previewer()
+        self.done = 0
+
+    def on_step(self, step: int, total: int, x0=None) -> None:
+        # one call per finished step (whether the library counts from 0 or 1 does not matter here)
+        total = int(total) if total else self.total
+        self.done = min(self.done + 1, total)
+        preview = compat.preview_image(self.previewer, x0) if x0 is not None else None
+        self.bar.update_absolute(self.done, total, preview)
+
+
+def call(fn, *args, progress: bool = True, cancel: bool = True, **kwargs):
+    """Run one library call with the interrupt check (every step) and the progress bar + latent previews.
+
+    lance_model.errors.Cancelled becomes ComfyUI's InterruptProcessingException; the model stays usable.
+    """
+    if compat.interrupted():
+        compat.raise_interrupt()
+    if progress:
+        kwargs["on_step"] = _Progress(kwargs.get("steps", 1)).on_step
+    if cancel:
+        kwargs["cancel"] = compat.interrupted
+    try:
+        return fn(*args, **kwargs)
+    except errors().Cancelled:
+        compat.raise_interrupt()
+
+
+def run(model: LanceModel, method: str, *args, **kwargs):
+    """Acquire the model on its device, call `pipe.<method>`, release it again in offload mode."""
+    with model.lock:
+        pipe = model.acquire()
+        try:
+            fn = getattr(pipe, method, None)
+            if fn is None:
+                raise NotImplementedError(f"this lance_model version has no pipeline method {method!r}")
+            return call(fn, *args, **kwargs)
+        finally:
+            model.release()
+
+
+def describe_context(context) -> str:
+    """A readable transcript of a LanceContext (its turns), for LanceContextView."""
+    if context is None:
+        return "(no context)"
+    turns = getattr(context, "turns", None)
+    lines = [f"model: {getattr(context, 'model_id', '?')}", f"turns: {len(turns) if turns is not None else '?'}"]
+    for index, turn in enumerate(turns or (), 1):
+        lines.append(f"{index}. {turn}")
+    return "\n".join(lines)
+
+
+def frames_to_image(frames: torch.Tensor) -> torch.Tensor:
+    """GenerationResult.frames [B,T,H,W,3] -> ComfyUI IMAGE batch [B*T,H,W,3] (float32, CPU)."""
+    frames = frames.detach().to("cpu", torch.float32)
+    if frames.ndim == 5:
+        frames = frames.reshape(-1, *frames.shape[2:])
+    return frames.clamp(0, 1).contiguous()
+
+
+def latent_output(result) -> dict:
+    samples = result.comfy_latent().detach().to("cpu", torch.float32)
+    return {"samples": samples}
