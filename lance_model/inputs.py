@@ -45,7 +45,7 @@ def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
 
 def unit_frames(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [T, H, W, 3] in 0..1 (what contexts keep)."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)
+    return torch.from_numpy(np.array(frames)).float().div(255.0)  # a copy: source arrays may be read-only
 
 
 def require_text(text, what: str, max_chars: int = 20000) -> str:
