@@ -332,7 +332,7 @@ class LancePromptEnhance(io.ComfyNode):
         model = runtime.check_model(model)
         if not prompt or not prompt.strip():
             raise input_error("prompt is empty: write a short prompt to enhance")
-        text = runtime.run(model, "enhance_prompt", prompt, progress=False, cancel=False, target=target,
+        text = runtime.run(model, "enhance_prompt", prompt, progress=False, target=target,
                            max_new_tokens=int(max_new_tokens))
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
@@ -353,7 +353,9 @@ class LanceDecode(io.ComfyNode):
     def execute(cls, model, samples):
         model = runtime.check_model(model)
         latent = runtime.check_latent(samples, "samples")
-        frames = runtime.run(model, "decode_comfy_latent", latent, progress=False, cancel=False)
+        with model.lock:
+            pipe = model.acquire()
+            frames = pipe.decode_latents(pipe.vae.normalize(latent))
         return io.NodeOutput(runtime.frames_to_image(frames))
 
 

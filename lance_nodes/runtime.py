@@ -52,14 +52,14 @@ class LanceModel:
                 f"dtype={getattr(self.pipe, 'dtype', self.dtype)}, memory={self.memory_mode})")
 
     def acquire(self) -> torch.nn.Module:
-        """Put the weights where ComfyUI wants them (it may have offloaded them under memory pressure)."""
+        """Put the weights back on the device if ComfyUI offloaded them under memory pressure."""
         if self.patcher is not None:
-            compat.load_to_device(self.patcher, full=self.memory_mode == "resident")
+            compat.load_to_device(self.patcher, full=False)
         return self.pipe
 
     def release(self) -> None:
-        if self.patcher is not None and self.memory_mode == "offload":
-            compat.unload(self.patcher)
+        """Nothing to do: resident models stay in ComfyUI's loaded-model list (it frees them under memory
+        pressure); offload models are moved back to RAM by the library after each stage."""
 
 
 _CACHE: dict[tuple, LanceModel] = {}
@@ -83,12 +83,6 @@ def resolve_model_path(name: str) -> str:
     return os.path.realpath(path)
 
 
-def _torch_dtype_name(dtype: str, device: torch.device) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bf16" if compat.supports_bf16(device) else "fp32"
-
-
 def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: str = "auto",
               memory_mode: str = "resident") -> LanceModel:
     """Load (once) and return the shared model for these options. Loading different options replaces the
@@ -105,12 +99,13 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
             old = _CACHE.pop(old_key)
             if old.patcher is not None:
                 compat.unload(old.patcher)
-        target = compat.load_device()
-        lib = lance_model()
-        pipe = lib.load_lance(path, variant=variant, dtype=_torch_dtype_name(dtype, target),
-                              device=str(compat.offload_device()), attention=attention,
-                              operations=compat.manual_cast_ops())
-        patcher = compat.model_patcher(_PipeHolder(pipe))
+        # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
+        # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
+        # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
+        pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
+                                        attention=attention, operations=compat.manual_cast_ops(),
+                                        memory=memory_mode)
+        patcher = compat.model_patcher(_PipeHolder(pipe)) if memory_mode == "resident" else None
         model = LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                            memory_mode=memory_mode, pipe=pipe, patcher=patcher)
         _CACHE[key] = model
@@ -237,14 +232,12 @@ def run(model: LanceModel, method: str, *args, **kwargs):
 
 
 def describe_context(context) -> str:
-    """A readable transcript of a LanceContext (its turns), for LanceContextView."""
+    """A readable transcript of a LanceContext (LanceContext.summary()), for LanceContextView."""
     if context is None:
         return "(no context)"
-    turns = getattr(context, "turns", None)
-    lines = [f"model: {getattr(context, 'model_id', '?')}", f"turns: {len(turns) if turns is not None else '?'}"]
-    for index, turn in enumerate(turns or (), 1):
-        lines.append(f"{index}. {turn}")
-    return "\n".join(lines)
+    if not isinstance(context, lance_model().LanceContext):
+        raise input_error(f"context: expected a LANCE_CONTEXT from a Lance node, got {type(context).__name__}")
+    return context.summary()
 
 
 def frames_to_image(frames: torch.Tensor) -> torch.Tensor:
