@@ -21,8 +21,55 @@ def errors():
 
 
 def input_error(message: str) -> Exception:
-    """An error of the library's InputError type (a ValueError), for checks the nodes do themselves."""
-    try:
-        return errors().InputError(message)
-    except Exception:  # noqa: BLE001 - library not importable: still a clear ValueError
-        return ValueError(message)
+    """The error for checks the nodes do themselves (a ValueError; the message names the input)."""
+    return InputError(message)
+
+
+# ---------------------------------------------------------------- errors shown on the node
+# ComfyUI shows "<module>.<class>: message" on the node; inside ComfyUI the pack's modules are named after its
+# folder path, which makes that unreadable. Library errors are re-raised as these short-named equivalents.
+class LanceNodeError(Exception):
+    """A Lance error raised by a node (bad input, bad model folder)."""
+
+
+class InputError(LanceNodeError, ValueError):
+    """A node input is invalid; the message names the input."""
+
+
+class CheckpointError(LanceNodeError):
+    """The selected model folder is missing, a file, or incomplete."""
+
+
+for _cls in (LanceNodeError, InputError, CheckpointError):
+    _cls.__module__ = "lance"
+
+
+def translate(exc: Exception) -> Exception | None:
+    """The node-level error for a library error (None when it is not one: let it through unchanged)."""
+    lib = errors()
+    if isinstance(exc, lib.Cancelled):
+        return None
+    if isinstance(exc, lib.InputError):
+        return InputError(str(exc))
+    if isinstance(exc, lib.CheckpointError):
+        return CheckpointError(str(exc))
+    if isinstance(exc, lib.LanceError):
+        return LanceNodeError(str(exc))
+    return None
+
+
+def node_errors(execute):
+    """Decorator for a node's execute(): library errors become short-named node errors. Everything else
+    (ComfyUI's InterruptProcessingException, torch OOM, bugs) passes through untouched."""
+    import functools
+
+    @functools.wraps(execute)
+    def wrapper(*args, **kwargs):
+        try:
+            return execute(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless it is a library error
+            translated = translate(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+    return wrapper

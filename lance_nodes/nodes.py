@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import compat, runtime
 from .compat import io, ui
-from .library import input_error, lance_model
+from .library import input_error, lance_model, node_errors
 
 CATEGORY = "Lance"
 
@@ -112,6 +112,7 @@ class LanceLoader(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model_name, variant, dtype, attention, memory_mode):
         return io.NodeOutput(runtime.get_model(model_name, variant, dtype, attention, memory_mode))
 
@@ -135,6 +136,7 @@ class LanceT2I(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, prompt, width, height, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                 cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
         model = runtime.check_model(model)
@@ -169,6 +171,7 @@ class LanceT2V(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, prompt, width, height, num_frames, resolution, fps, steps, shift, cfg_scale,
                 cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size,
                 start_image=None, context=None):
@@ -204,6 +207,7 @@ class LanceEdit(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
                 cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
         model = runtime.check_model(model)
@@ -235,6 +239,7 @@ class LanceVideoEdit(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
                 cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
         model = runtime.check_model(model)
@@ -285,6 +290,7 @@ class LanceUnderstand(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, question, instruction, resolution, max_new_tokens, temperature, top_p, seed,
                 image=None, video=None, context=None):
         model = runtime.check_model(model)
@@ -328,6 +334,7 @@ class LancePromptEnhance(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, prompt, target, max_new_tokens):
         model = runtime.check_model(model)
         if not prompt or not prompt.strip():
@@ -350,6 +357,7 @@ class LanceDecode(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, model, samples):
         model = runtime.check_model(model)
         latent = runtime.check_latent(samples, "samples")
@@ -371,6 +379,7 @@ class LanceContextView(io.ComfyNode):
         )
 
     @classmethod
+    @node_errors
     def execute(cls, context):
         text = runtime.describe_context(context)
         return io.NodeOutput(text, ui=ui.PreviewText(text))

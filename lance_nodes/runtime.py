@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import compat
-from .library import errors, input_error, lance_model
+from .library import CheckpointError, errors, input_error, lance_model
 
 log = logging.getLogger("lance_nodes")
 
@@ -72,12 +72,12 @@ def resolve_model_path(name: str) -> str:
     path = compat.model_path(name) if name else None
     if path is None:
         roots = compat.model_roots()
-        raise errors().CheckpointError(
+        raise CheckpointError(
             f"model_name: Lance model folder {name!r} not found in the 'lance' model folder(s) {roots}. "
             f"Put a release folder (Lance_3B or Lance_3B_Video, Qwen2.5-VL-ViT, Wan2.2_VAE.pth) at "
             f"models/lance/<name>/ and refresh.")
     if not os.path.isdir(path):
-        raise errors().CheckpointError(
+        raise CheckpointError(
             f"model_name: {path} is a file, not a folder. Each entry of models/lance must be a Lance release "
             f"folder containing Lance_3B (or Lance_3B_Video), Qwen2.5-VL-ViT and Wan2.2_VAE.pth.")
     return os.path.realpath(path)
