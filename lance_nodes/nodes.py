@@ -46,7 +46,7 @@ def _sampling_inputs(steps: int = 30):
         io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global",
                        tooltip="How the guided velocity is renormalised."),
         io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
-        io.Int.Input("seed", default=42, min=0, max=SEED_MAX, control_after_generate=True),
+        io.Int.Input("seed", default=42, min=0, max=SEED_MAX, step=1, control_after_generate=True),
         io.Int.Input("batch_size", default=1, min=1, max=16, step=1),
     ]
 
@@ -279,7 +279,7 @@ class LanceUnderstand(io.ComfyNode):
                 io.Int.Input("max_new_tokens", default=256, min=1, max=4096, step=1),
                 io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05, tooltip="0 = greedy decoding."),
                 io.Float.Input("top_p", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, step=1, control_after_generate=True),
                 io.Image.Input("image", optional=True, tooltip="One image (connect either image or video)."),
                 io.Image.Input("video", optional=True, tooltip="Video frames as an IMAGE batch."),
                 _context_input(),
