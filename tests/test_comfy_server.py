@@ -1,0 +1,199 @@
+"""A real headless ComfyUI (../shared/comfyui, 0.3.64 on CPU) with this pack in custom_nodes:
+
+- every workflows/api/*.json runs against the tiny checkpoint (test copies with small sizes/steps, written to a
+  temporary folder; the shipped files keep real-use defaults), and the files they write have the expected shapes;
+- bad-input prompts fail with clear errors on the right node, and the server keeps serving the next prompt;
+- browser_check.py opens every UI workflow in the real front-end (headless Chromium). Without Chromium this
+  fails with a message, unless LANCE_SKIP_BROWSER=1.
+
+Run: python -m pytest -m comfy tests/test_comfy_server.py   (after `bash ../shared/comfyui/setup.sh --browser`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures.comfy_env import (COMFY_HOME, COMFYUI_DIR, GOLDEN_DIR, REPO_ROOT, SHARED_COMFY,  # noqa: E402
+                                      make_input_dir, make_models_dir)
+from tests.fixtures.tiny_workflows import (EXPECTED, TINY_SIZE, bad_workflows, shipped_api_workflows,  # noqa: E402
+                                           tiny)
+
+pytestmark = pytest.mark.comfy
+
+PYTHON = COMFY_HOME / "venv" / "bin" / "python"
+NODE_IDS = "LanceLoader,LanceT2I,LanceT2V,LanceEdit,LanceVideoEdit,LanceUnderstand,LancePromptEnhance,LanceDecode," \
+           "LanceContextView"
+AFTER_BAD = "zz_after_bad_t2i"
+
+
+def _require_host():
+    if not (COMFYUI_DIR / "main.py").is_file() or not PYTHON.is_file():
+        pytest.fail(f"ComfyUI test host missing ({COMFYUI_DIR}, {PYTHON}): run `bash ../shared/comfyui/setup.sh`")
+    if not (SHARED_COMFY / "run_workflows.py").is_file():
+        pytest.fail(f"{SHARED_COMFY}/run_workflows.py not found")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    _require_host()
+    base = tmp_path_factory.mktemp("comfy")
+    models = make_models_dir(base / "models")
+    copy = models / "lance" / "tiny_copy"          # a second model (another model id) for the context test
+    shutil.copytree(GOLDEN_DIR / "checkpoint", copy)
+    for path in copy.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return {"base": base, "models": models, "inputs": make_input_dir(base / "input")}
+
+
+def _run(cmd, timeout):
+    print("$", " ".join(map(str, cmd)))
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
+    print(out.stdout[-20000:])
+    print(out.stderr[-5000:], file=sys.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_run(host):
+    """One server run: the shipped workflows (tiny copies), then the bad prompts, then a good one again."""
+    folder = host["base"] / "workflows"
+    folder.mkdir()
+    for name, workflow in shipped_api_workflows().items():
+        (folder / f"{name}.json").write_text(json.dumps(tiny(workflow), indent=1))
+    bad = bad_workflows("tiny_copy")
+    for name, (workflow, _, _) in bad.items():
+        (folder / f"y_{name}.json").write_text(json.dumps(workflow, indent=1))
+    after = tiny(shipped_api_workflows()["t2i"])
+    for node in after.values():
+        if node["class_type"] == "LanceT2I":
+            node["inputs"]["seed"] = 7
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = AFTER_BAD
+    (folder / f"{AFTER_BAD}.json").write_text(json.dumps(after, indent=1))
+    report = host["base"] / "report.json"
+    out = _run([PYTHON, SHARED_COMFY / "run_workflows.py", "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
+                "--models-dir", host["models"], "--input-dir", host["inputs"], "--workflows", str(folder / "*.json"),
+                "--report", report, "--keep", "--timeout", "600"], timeout=1800)
+    kept = re.search(r"kept base directory (\S+)", out.stdout)
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    results = {Path(r["workflow"]).stem: r for r in data.get("results", [])}
+    yield {"stdout": out.stdout, "report": data, "results": results, "bad": bad,
+           "output_dir": Path(kept.group(1)) / "output" if kept else None}
+    if kept:
+        shutil.rmtree(kept.group(1), ignore_errors=True)   # symlinks inside are unlinked, never followed
+
+
+def _ui_texts(stdout: str, name: str) -> list[str]:
+    """`ui #<id> <Node> text: ...` lines printed by run_workflows.py for one workflow."""
+    section = stdout.split(f"=== workflow ")
+    for part in section:
+        if part.split("\n", 1)[0].endswith(f"/{name}.json"):
+            return re.findall(r"ui #\S+ \S+ text: (.*)", part)
+    return []
+
+
+def _image_sizes(output_dir: Path, prefix: str):
+    from PIL import Image
+    return [(1, *Image.open(p).size[::-1]) for p in sorted(output_dir.glob(f"{prefix}_*.png"))]
+
+
+def _video_shapes(output_dir: Path, prefix: str):
+    import av
+    shapes = []
+    for path in sorted(output_dir.glob(f"{prefix}_*.mp4")):
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        shapes.append((len(frames), *frames[0].shape[:2]))
+    return shapes
+
+
+def test_registration(server_run):
+    registration = server_run["report"].get("registration", {})
+    assert not registration.get("problems"), registration
+    assert sorted(registration.get("nodes", [])) == sorted(NODE_IDS.split(","))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_workflow_runs(server_run, name):
+    result = server_run["results"].get(name)
+    assert result is not None, f"{name} did not run"
+    assert result["passed"], result["problems"]
+    expected, out_dir = EXPECTED[name], server_run["output_dir"]
+    assert out_dir is not None and out_dir.is_dir()
+    prefix = {"multi_turn_edit": "lance_multi_turn"}.get(name, f"lance_{name}")
+    written = [o["file"] for o in result["outputs"]]
+    if "images" in expected:
+        sizes = _image_sizes(out_dir, prefix)
+        assert len(sizes) == len(expected["images"]) == len(written), (sizes, written)
+        for (n, h, w), want in zip(sizes, expected["images"]):
+            assert n == want[0] and h % 16 == 0 and w % 16 == 0 and h >= TINY_SIZE
+            assert want[1] in (None, h) and want[2] in (None, w), (name, (h, w), want)
+    else:
+        assert not [f for f in written if f.endswith(".png")]
+    if "videos" in expected:
+        shapes = _video_shapes(out_dir, prefix)
+        assert len(shapes) == len(expected["videos"]), shapes
+        for (frames, h, w), want in zip(shapes, expected["videos"]):
+            assert frames == want[0] and h % 16 == 0 and w % 16 == 0
+            assert want[1] in (None, h) and want[2] in (None, w), (name, (h, w), want)
+    texts = _ui_texts(server_run["stdout"], name)
+    assert len(texts) == expected.get("texts", 0), texts
+
+
+@pytest.mark.parametrize("name", sorted(bad_workflows("tiny_copy")))
+def test_bad_input_fails_clearly_on_the_node(server_run, name):
+    _, stage, text = server_run["bad"][name]
+    result = server_run["results"].get(f"y_{name}")
+    assert result is not None, f"{name} did not run"
+    assert not result["passed"]
+    problems = " ".join(result["problems"])
+    assert text in problems, problems
+    if stage == "validation":
+        assert "HTTP 400" in problems or "validation" in problems
+    elif stage == "execution" or not ("HTTP 400" in problems):
+        errors = result.get("errors") or []
+        assert errors and errors[0]["exception_type"].startswith("lance."), errors
+        assert "Traceback" not in errors[0]["exception_message"]
+
+
+def test_server_keeps_serving_after_bad_inputs(server_run):
+    order = sorted(server_run["results"])
+    assert order[-1] == AFTER_BAD and all(n.startswith("y_bad_") for n in order if n.startswith("y_"))
+    result = server_run["results"][AFTER_BAD]
+    assert result["passed"], result["problems"]
+    assert _image_sizes(server_run["output_dir"], AFTER_BAD) == [(1, TINY_SIZE, TINY_SIZE)]
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("LANCE_CHROMIUM"), "chromium", "chromium-headless-shell", "chromium-browser",
+                 "google-chrome-stable", "google-chrome", "chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_ui_workflows_in_the_real_frontend(host, tmp_path):
+    _require_host()
+    if _chromium() is None:
+        if os.environ.get("LANCE_SKIP_BROWSER") == "1":
+            pytest.skip("LANCE_SKIP_BROWSER=1 and no Chromium")
+        pytest.fail("Chromium not found: run `bash ../shared/comfyui/setup.sh --browser` (installs Debian's "
+                    "chromium) or set LANCE_CHROMIUM; set LANCE_SKIP_BROWSER=1 to skip the front-end check")
+    report = tmp_path / "browser.json"
+    shots = REPO_ROOT / "build" / "browser-shots"
+    out = _run([PYTHON, SHARED_COMFY / "browser_check.py", "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
+                "--models-dir", host["models"], "--input-dir", host["inputs"], "--screenshots", shots,
+                "--report", report], timeout=900)
+    data = json.loads(report.read_text())
+    failed = {r["workflow"]: r["problems"] for r in data["results"] if not r["passed"]}
+    assert out.returncode == 0 and not failed, failed
+    checked = sorted(Path(r["workflow"]).stem for r in data["results"])
+    assert checked == sorted(EXPECTED), checked
