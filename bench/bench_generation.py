@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GOLDEN, random_llm, real_width_config, synchronize  # noqa: E402
+from bench.common import GOLDEN, random_llm, real_width_config, timed  # noqa: E402
 from lance_model.generation import GenerationInputs, LatentGrid, initial_noise, run_generation  # noqa: E402
 from lance_model.sampler import GuidanceOptions, SamplerOptions  # noqa: E402
 
@@ -22,19 +21,11 @@ STEPS = 4
 
 
 def step_time(llm, inputs: GenerationInputs, batched: bool, device: torch.device) -> float:
-    """Seconds per guided step (prefill excluded: a 1-step run is subtracted from a STEPS+1-step run)."""
+    """Seconds per guided step, prefill excluded: (best STEPS+1-step run - best 1-step run) / STEPS."""
     noise = initial_noise(inputs, [0], llm.config.constants.latent_channels)
     guidance = GuidanceOptions(interval=(0.0, 1.0))
-
-    def run(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        run_generation(llm, inputs, SamplerOptions(steps, 3.5, guidance, batched), noise)
-        synchronize(device)
-        return time.perf_counter() - start
-
-    run(1)
-    return (run(STEPS + 1) - run(1)) / STEPS
+    run = lambda steps: run_generation(llm, inputs, SamplerOptions(steps, 3.5, guidance, batched), noise)
+    return (timed(lambda: run(STEPS + 1), device) - timed(lambda: run(1), device)) / STEPS
 
 
 def report(label, llm, inputs, device):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lance_model.config import LLMConfig
 from lance_model.llm import LanceLLM
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+GOLDEN = Path(os.environ.get("LANCE_GOLDEN", REPO.parent / "shared" / "golden"))
 
 
 def synchronize(device: torch.device) -> None:

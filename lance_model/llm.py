@@ -58,6 +58,10 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
+    # Long video sequences (~50k tokens) would hold several [tokens, 11008] intermediates at once; chunking the
+    # token axis bounds that peak without changing the result.
+    CHUNK_TOKENS = 8192
+
     def __init__(self, cfg: LLMConfig, ops):
         super().__init__()
         self.gate_proj = ops.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -65,6 +69,12 @@ class MLP(nn.Module):
         self.down_proj = ops.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * x.shape[1] <= self.CHUNK_TOKENS:
+            return self._mlp(x)
+        rows = max(1, self.CHUNK_TOKENS // x.shape[0])
+        return torch.cat([self._mlp(part) for part in x.split(rows, dim=1)], dim=1)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
