@@ -197,3 +197,32 @@ def test_ui_workflows_in_the_real_frontend(host, tmp_path):
     assert out.returncode == 0 and not failed, failed
     checked = sorted(Path(r["workflow"]).stem for r in data["results"])
     assert checked == sorted(EXPECTED), checked
+
+
+def test_headless_runner_tool(host, tmp_path):
+    """tools/run_workflow.py starts ComfyUI itself, runs workflows/api/t2i.json with --set overrides and saves
+    the PNG; a bad input exits 1 with the node's error, and a missing node input is rejected (exit 2)."""
+    _require_host()
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "comfyui-lance").symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "models").mkdir()
+    (base / "models" / "lance").symlink_to(host["models"] / "lance", target_is_directory=True)
+    tool = [PYTHON, REPO_ROOT / "tools" / "run_workflow.py"]
+    server = ["--comfyui", COMFYUI_DIR, "--python", PYTHON, "--server-arg=--cpu",
+              f"--server-arg=--base-directory={base}", "--server-arg=--disable-api-nodes",
+              "--server-arg=--database-url=sqlite:///:memory:"]
+    sets = ["--set", "LanceLoader.model_name=tiny", "--set", f"LanceT2I.width={TINY_SIZE}",
+            "--set", f"LanceT2I.height={TINY_SIZE}", "--set", "LanceT2I.steps=2"]
+    out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--out", tmp_path / "out"],
+               timeout=600)
+    assert out.returncode == 0, out.stdout
+    from PIL import Image
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (TINY_SIZE, TINY_SIZE)
+    out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.width=2048",
+                "--out", tmp_path / "bad"], timeout=600)
+    assert out.returncode == 1 and "lance.InputError: width 2048 exceeds" in out.stdout, out.stdout
+    out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.width=8",
+                "--out", tmp_path / "bad"], timeout=600)
+    assert out.returncode == 2 and "smaller than min" in out.stdout, out.stdout
