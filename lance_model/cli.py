@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
     parser.add_argument("--memory", default="resident", choices=["resident", "offload"])
+    parser.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode/encode (less memory)")
     tasks = parser.add_subparsers(dest="task", required=True)
 
     def generation(name, help_text, media=None, text="prompt", video=False):
@@ -75,7 +76,7 @@ def run(args) -> int:
 
     started = time.perf_counter()
     pipe = load_lance(args.model, variant=args.variant, dtype=args.dtype, device=args.device,
-                      attention=args.attention, memory=args.memory)
+                      attention=args.attention, memory=args.memory, vae_tiling=args.vae_tiling)
     print(f"loaded {pipe.model_id} ({pipe.dtype}, {pipe.device}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if args.task == "understand":
         result = pipe.understand(args.media, args.question, instruction=args.instruction,

@@ -251,7 +251,9 @@ class LancePipeline(nn.Module):
                    max_new_tokens: int = 256, sampling: SamplingOptions | None = None,
                    on_token: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None,
                    context: LanceContext | None = None, fps: float | None = None,
-                   include_history: bool = False) -> UnderstandingResult:
+                   include_history: bool = False, stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
+        """Answer `question` about an image/video (or the context's last media). Decoding stops at <|im_end|>
+        or any of `stop_tokens` (token strings of the vocabulary, e.g. "<|endoftext|>")."""
         if context is not None:
             context.check_model(self.model_id)
         question = optional_text(question, "question")
@@ -272,7 +274,7 @@ class LancePipeline(nn.Module):
         history = [Text(line) for line in context.transcript()] if include_history and context else []
         seq = understanding_sequence(self.tokenizer, self.config, require_text(instruction, "instruction"),
                                      question, vit_grid, history)
-        result = self._decode_text(seq, vit_embeds, max_new_tokens, sampling, on_token, cancel)
+        result = self._decode_text(seq, vit_embeds, max_new_tokens, sampling, on_token, cancel, stop_tokens)
         turn = Turn("x2t_video" if is_video else "x2t_image", question, result[0],
                     unit_frames(frames) if frames is not None else None)
         return UnderstandingResult(result[0], result[1], result[2], (context or LanceContext(self.model_id)).append(turn))
@@ -289,19 +291,20 @@ class LancePipeline(nn.Module):
         text = self._decode_text(seq, [], max_new_tokens, sampling, None, cancel)[0]
         return text or prompt
 
-    def _decode_text(self, seq, vit_embeds, max_new_tokens, sampling, on_token, cancel):
+    def _decode_text(self, seq, vit_embeds, max_new_tokens, sampling, on_token, cancel, stop_tokens=()):
         stop = self.tokenizer.special.im_end
+        stop_ids = {stop} | {self.tokenizer.token_id(token, "stop_tokens") for token in stop_tokens}
         emitted: list[int] = []
 
         def token_hook(token: int) -> None:
             emitted.append(token)
             if on_token is not None:
-                on_token(self.tokenizer.decode([t for t in emitted if t != stop]))
+                on_token(self.tokenizer.decode([t for t in emitted if t not in stop_ids]))
         with self._use(self.llm):
             out = decode(self.llm, seq, prompt_embeddings(self.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
-                         stop_ids={stop}, vocab_limit=self.tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
+                         stop_ids=stop_ids, vocab_limit=self.tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
                          on_token=token_hook, cancel=cancel)
-        text = self.tokenizer.decode([t for t in out.ids if t != stop]).strip()
+        text = self.tokenizer.decode([t for t in out.ids if t not in stop_ids]).strip()
         return text, out.ids, out.logits
 
     # -- helpers ----------------------------------------------------------------------------------------
@@ -362,10 +365,12 @@ def _fingerprint(paths: ReleasePaths) -> str:
 
 def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
-               memory: str = "resident", vit_weights: str = "vit") -> LancePipeline:
+               memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False) -> LancePipeline:
     """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU. memory "offload" keeps the weights
     in CPU memory and moves each stage (ViT, LLM, VAE) to the device only while it runs. vit_weights: "vit"
-    (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the vit_model.* tensors of model.safetensors)."""
+    (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the vit_model.* tensors of model.safetensors).
+    vae_tiling: spatially tiled VAE encode/decode (less memory, pixels differ slightly from untiled; off as in
+    the reference - untiled 480p x 121 frames already fits 12 GB)."""
     if memory not in MEMORY_MODES:
         raise InputError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     if vit_weights not in ("vit", "lance"):
@@ -381,6 +386,8 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
     vae = load_vae(paths.vae_weights, dtype, load_device)
+    if vae_tiling:
+        vae.enable_tiling()
     if vae.z_dim != llm.config.constants.latent_channels:
         raise InputError(f"VAE latent channels {vae.z_dim} do not match the model's {llm.config.constants.latent_channels}")
     log.info("Lance loaded from %s (%s, %s, attention=%s, memory=%s)", paths.root, dtype, execution_device,

@@ -66,5 +66,12 @@ class LanceTokenizer:
                 raise InputError(f"{what} contains the reserved token {token!r}; remove it")
         return self.encode(text)
 
+    def token_id(self, token: str, what: str) -> int:
+        """Id of one vocabulary token (e.g. a stop token); unknown or multi-token strings are an error."""
+        token_id = self.hf.convert_tokens_to_ids(token) if isinstance(token, str) else None
+        if token_id is None or token_id == self.hf.unk_token_id:
+            raise InputError(f"{what}: {token!r} is not a single token of this tokenizer")
+        return int(token_id)
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)

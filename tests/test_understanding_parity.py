@@ -84,3 +84,15 @@ def test_sampling_is_seeded(pipe):
     options = SamplingOptions(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=3)
     first = pipe.enhance_prompt("a cat", max_new_tokens=6, sampling=options)
     assert first == pipe.enhance_prompt("a cat", max_new_tokens=6, sampling=options)
+
+
+def test_stop_tokens(pipe, golden):
+    instruction, question = request(golden, "x2t_image")
+    ids = golden.tensors("x2t_image")["out/generated_ids"].tolist()
+    stop = pipe.tokenizer.hf.convert_ids_to_tokens(ids[1])
+    out = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+                          resolution="image_256res", max_new_tokens=8, stop_tokens=(stop,))
+    assert out.token_ids == ids[:2]
+    from lance_model import InputError
+    with pytest.raises(InputError, match="stop_tokens"):
+        pipe.understand(fixture_media(golden, "x2t_image"), question, stop_tokens=("not a token at all",))

@@ -196,3 +196,10 @@ def test_bad_input_shapes(vae):
         vae.decode(torch.zeros(1, 16, 1, 2, 2))
     with pytest.raises(InputError, match="48"):
         vae.decode(torch.zeros(48, 1, 2, 2))
+
+
+def test_pipeline_vae_tiling_is_opt_in(golden):
+    from lance_model import load_lance
+
+    assert not load_lance(golden.checkpoint, device="cpu").vae.tiling_enabled
+    assert load_lance(golden.checkpoint, device="cpu", vae_tiling=True).vae.tiling_enabled
