@@ -220,9 +220,13 @@ class LanceLLM(nn.Module):
         """Run one block. hidden [B, L, H], positions [B, 3, L]. With a cache, the block's keys/values are
         written at [start, start + L) of `rows` and attention reads the cache up to there. Returns the
         final-normed hidden states (und rows: model.norm, gen rows: model.norm_moe_gen)."""
+        attend = BlockAttention(self.attention, cache, start, causal, key_mask, rows)
+        return self.run_layers(hidden, positions, segments, attend)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], attend) -> torch.Tensor:
+        """The decoder stack with a given attention binding (`attend(q, k, v)` called once per layer in order)."""
         model = self.language_model.model
         rope = self.rotary(positions.to(self.device))
-        attend = BlockAttention(self.attention, cache, start, causal, key_mask, rows)
         x = hidden
         for layer in model.layers:
             x = layer(x, rope, segments, attend)

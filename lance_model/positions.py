@@ -69,9 +69,11 @@ class MultimodalRotary:
 
     def __call__(self, pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """pos [B, 3, L] -> cos, sin [B, L, head_dim] (computed in fp32)."""
-        inv_freq = self.inv_freq.to(pos.device)
+        if self.inv_freq.device != pos.device:  # moved once: no host copies per call (CUDA-graph safe)
+            self.inv_freq, self.axis_of_slot = self.inv_freq.to(pos.device), self.axis_of_slot.to(pos.device)
+        inv_freq = self.inv_freq
         angles = pos.float().unsqueeze(-1) * inv_freq  # [B, 3, L, D/2]
-        axis = self.axis_of_slot.to(pos.device)
+        axis = self.axis_of_slot
         chosen = angles.gather(1, axis.view(1, 1, 1, -1).expand(angles.shape[0], 1, angles.shape[2], -1)).squeeze(1)
         emb = torch.cat([chosen, chosen], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -8,7 +8,8 @@ import torch
 
 from .config import LLMConfig
 from .errors import Cancelled, InputError
-from .llm import LanceLLM, Segment, segments_from_mask
+from .decode_graph import StaticDecodeStep, cuda_graphs_usable
+from .llm import LanceLLM, segments_from_mask
 from .packing import PackedSequence, pack
 from .templates import Text, Visual
 from .tokenizer import LanceTokenizer
@@ -65,22 +66,26 @@ def prompt_embeddings(llm: LanceLLM, seq: PackedSequence, vit_embeds: list[torch
 
 def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int],
            vocab_limit: int, sampling: SamplingOptions = SamplingOptions(),
-           on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None) -> DecodeResult:
+           on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+           cuda_graph: bool | None = None) -> DecodeResult:
+    """Prefill the prompt, then generate up to `max_new_tokens`. Each step reuses the preallocated cache;
+    `cuda_graph` (default: on when the model is on CUDA) replays the step as one CUDA graph."""
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     sampling.validate()
     prompt_len = len(seq)
     cache = llm.new_cache(1, prompt_len + max_new_tokens)
-    und = [Segment(0, 1, False)]
     generator = torch.Generator("cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
     with torch.inference_mode():
-        hidden = _prefill(llm, seq, embeds, cache)
+        logits = llm.logits(_prefill(llm, seq, embeds, cache)[:, -1])[0]
+        step_fn = StaticDecodeStep(llm, cache, cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
+        step_fn.mark_prefix(prompt_len)
         next_pos = int(seq.positions[:, -1].max()) + 1
         ids, all_logits, stopped = [], [], False
         for step in range(max_new_tokens):
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {step} generated tokens")
-            logits = llm.logits(hidden[:, -1])[0].cpu()
+            logits = logits.float().cpu()
             all_logits.append(logits)
             token = choose_token(logits, ids, vocab_limit, sampling, generator)
             ids.append(token)
@@ -91,9 +96,7 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
                 break
             if step + 1 == max_new_tokens:
                 break
-            pos = torch.full((1, 3, 1), next_pos + step, dtype=torch.long)
-            hidden = llm(llm.embed_text(torch.tensor([[token]])), pos, und, cache=cache,
-                         start=prompt_len + step, causal=True)
+            logits = step_fn(token, next_pos + step, prompt_len + step)
     return DecodeResult(ids, torch.stack(all_logits), stopped)
 
 

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKLWan
 
 from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize
 from .errors import CheckpointError, InputError
+from .module_handle import ModuleHandle
 
 # Wan2.2 per-channel latent statistics (identical to diffusers' Wan2.2 `latents_mean` / `latents_std`).
 WAN22_LATENT_STATS: dict[str, tuple[float, ...]] = {
@@ -125,11 +126,11 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32,
     return LanceVAE(module.eval().requires_grad_(False))
 
 
-class LanceVAE:
+class LanceVAE(ModuleHandle):
     """Wan2.2 VAE with Lance's conventions: pixels [B,3,T,H,W] in [-1,1] <-> normalised latents [B,48,t,h,w]."""
 
     def __init__(self, module: AutoencoderKLWan):
-        self.module = module
+        super().__init__(module)
         self.module.disable_tiling()
 
     @property
@@ -143,14 +144,6 @@ class LanceVAE:
     @property
     def temporal_factor(self) -> int:
         return TEMPORAL_FACTOR
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
 
     @property
     def tiling_enabled(self) -> bool:

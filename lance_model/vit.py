@@ -15,6 +15,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 from .checkpoint import assert_no_meta, check_state_keys, materialize, read_json, safetensors_keys, stream_safetensors
 from .errors import CheckpointError, InputError
+from .module_handle import ModuleHandle
 
 VIT_CONFIG_FILE = "config.json"
 VIT_WEIGHTS_FILE = "vit.safetensors"
@@ -60,11 +61,11 @@ def patchify(pixels: torch.Tensor, *, patch_size: int, temporal_patch_size: int,
     return rows, grid
 
 
-class LanceViT:
+class LanceViT(ModuleHandle):
     """Vision tower: CLIP-normalised pixels [3, T, H, W] -> merged embeddings [T/2 * H/28 * W/28, out_hidden]."""
 
     def __init__(self, module: Qwen2_5_VisionTransformerPretrainedModel):
-        self.module = module
+        super().__init__(module)
         self.config: Qwen2_5_VLVisionConfig = module.config
 
     @property
@@ -87,14 +88,6 @@ class LanceViT:
     @property
     def out_hidden_size(self) -> int:
         return int(self.config.out_hidden_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
 
     def patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         return patchify(pixels, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,

@@ -41,6 +41,18 @@ class Golden:
                 return float(tol["max_abs"])
         return float(self.manifest["tolerances"]["default_float32"]["max_abs"])
 
+    def input_media(self, name: str):
+        """The fixture's input media as the reference reads it: a PIL image, or uint8 frames [T, H, W, 3]
+        (the frames the reference read, when the manifest lists them)."""
+        from lance_model.media import load_image, load_video
+
+        path = self.root / next(p for p in self.fixture(name)["inputs"] if not p.endswith(".json"))
+        if path.suffix != ".npz":
+            return load_image(path)
+        frames, _ = load_video(path)
+        indices = self.hyper(name).get("video_frame_indices_read")
+        return frames[indices] if indices else frames
+
     def tasks(self, *names) -> list:
         return [n for n in names if n in self.manifest["fixtures"]]
 

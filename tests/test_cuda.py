@@ -45,10 +45,9 @@ def test_parity_cuda_fp32(cuda_fp32, golden, name):
 
 def test_parity_cuda_fp32_understanding(cuda_fp32, golden):
     from test_understanding_parity import request
-    from test_generation_parity import fixture_media
-
+    
     instruction, question = request(golden, "x2t_image")
-    out = cuda_fp32.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+    out = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                                resolution="image_256res", max_new_tokens=golden.hyper("x2t_image")["max_new_tokens"])
     assert out.token_ids == golden.tensors("x2t_image")["out/generated_ids"].tolist()
     assert_close(out.logits, golden.tensors("x2t_image")["out/logits_all_steps"], 2e-4, "cuda fp32 x2t logits")
@@ -70,3 +69,16 @@ def test_bf16_batched_cfg_matches_sequential(cuda_bf16, golden):
     b, _ = run(cuda_bf16, golden, "image_edit", batched_cfg=False, decode=False)
     tol = 0.05 * float(b.latents.abs().max())
     assert_close(a.latents, b.latents, tol, "cuda bf16 batched vs sequential CFG")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_decode_matches_eager(golden, dtype, request):
+    pipe = request.getfixturevalue("cuda_fp32" if dtype == "fp32" else "cuda_bf16")
+    from lance_model.understanding import decode, prompt_embeddings, understanding_sequence
+
+    seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
+    embeds = prompt_embeddings(pipe.llm, seq, [])
+    runs = [decode(pipe.llm, seq, embeds, max_new_tokens=12, stop_ids=set(), vocab_limit=pipe.tokenizer.vocab_limit,
+                   cuda_graph=graph) for graph in (True, False)]
+    assert runs[0].ids == runs[1].ids
+    assert_close(runs[0].logits, runs[1].logits, 1e-5 if dtype == "fp32" else 1e-2, f"cuda graph vs eager decode ({dtype})")

@@ -6,20 +6,9 @@ import torch
 from conftest import assert_close
 from lance_model import GenerationSettings
 from lance_model.generation import tokens_to_video
-from lance_model.media import load_video
 from lance_model.packing import CODE_CAPTION
 
 GEN_TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
-
-
-def fixture_media(golden, name):
-    """The fixture's input media, read as the reference reads it."""
-    path = golden.root / [p for p in golden.fixture(name)["inputs"] if not p.endswith(".json")][0]
-    if path.suffix == ".npz":
-        frames, _ = load_video(path)
-        indices = golden.hyper(name).get("video_frame_indices_read")
-        return frames[indices] if indices else frames
-    return path
 
 
 def settings_for(golden, name, **extra) -> GenerationSettings:
@@ -45,11 +34,11 @@ def prepare(pipe, golden, name, settings):
         return pipe.prepare_text_to_video(hp["caption"], hp["video_width"], hp["video_height"], frames)
     if name == "i2v":
         inputs = pipe.prepare_text_to_video(hp["caption"], hp["video_width"], hp["video_height"], frames,
-                                            start_image=fixture_media(golden, name), resolution=hp["resolution"],
+                                            start_image=golden.input_media(name), resolution=hp["resolution"],
                                             settings=settings)
         inputs.first_frame = to_tokens(fx["vae_encode/padded_latent.0"][:1])
         return inputs
-    inputs = pipe.prepare_edit(fixture_media(golden, name), hp["caption"], video=name == "video_edit",
+    inputs = pipe.prepare_edit(golden.input_media(name), hp["caption"], video=name == "video_edit",
                                resolution=hp["resolution"], settings=settings)
     inputs.source_latents = [to_tokens(fx["vae_encode/padded_latent.0"])]
     return inputs

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from conftest import assert_close
-from test_generation_parity import fixture_media
 
 X2T_TASKS = ["x2t_image", "x2t_video"]
 
@@ -20,7 +19,7 @@ def answers(pipe, golden):
     for name in golden.tasks(*X2T_TASKS):
         hp = golden.hyper(name)
         instruction, question = request(golden, name)
-        out[name] = pipe.understand(fixture_media(golden, name), question, instruction=instruction,
+        out[name] = pipe.understand(golden.input_media(name), question, instruction=instruction,
                                     resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
     return out
 
@@ -59,7 +58,7 @@ def test_x2t_text_is_decoded_ids(pipe, answers):
 def test_streaming_callback_sees_growing_text(pipe, golden):
     seen = []
     instruction, question = request(golden, "x2t_image")
-    result = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+    result = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                              resolution="image_256res", max_new_tokens=4, on_token=seen.append)
     assert len(seen) == len(result.token_ids)
     assert seen[-1].strip() == result.text
@@ -71,9 +70,9 @@ def test_cancel_stops_decoding_and_model_stays_usable(pipe, golden):
     instruction, question = request(golden, "x2t_image")
     calls = []
     with pytest.raises(Cancelled):
-        pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+        pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                         resolution="image_256res", max_new_tokens=8, cancel=lambda: calls.append(1) or len(calls) > 2)
-    again = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+    again = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                             resolution="image_256res", max_new_tokens=8)
     assert again.token_ids == golden.tensors("x2t_image")["out/generated_ids"].tolist()
 
@@ -90,9 +89,9 @@ def test_stop_tokens(pipe, golden):
     instruction, question = request(golden, "x2t_image")
     ids = golden.tensors("x2t_image")["out/generated_ids"].tolist()
     stop = pipe.tokenizer.hf.convert_ids_to_tokens(ids[1])
-    out = pipe.understand(fixture_media(golden, "x2t_image"), question, instruction=instruction,
+    out = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                           resolution="image_256res", max_new_tokens=8, stop_tokens=(stop,))
     assert out.token_ids == ids[:2]
     from lance_model import InputError
     with pytest.raises(InputError, match="stop_tokens"):
-        pipe.understand(fixture_media(golden, "x2t_image"), question, stop_tokens=("not a token at all",))
+        pipe.understand(golden.input_media("x2t_image"), question, stop_tokens=("not a token at all",))

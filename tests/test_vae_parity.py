@@ -28,18 +28,12 @@ def vae(vae_path) -> LanceVAE:
     return load_vae(vae_path, torch.float32, "cpu")
 
 
-def _source_frames(golden, task: str):
-    media_file = next(name for name in golden.fixture(task)["inputs"] if not name.endswith(".json"))
-    path = golden.root / media_file
-    return media.load_image(path) if path.suffix == ".png" else media.load_video(path)[0]
-
-
 # ------------------------------------------------------------------------------------------- encode
 
 @pytest.mark.parametrize("task", ["image_edit", "video_edit", "i2v"])
 def test_encode_parity(golden, vae, task):
     vae_side, _ = media.preset_sides(golden.hyper(task)["resolution"])
-    pixels = media.vae_pixels(_source_frames(golden, task), vae_side).unsqueeze(0)
+    pixels = media.vae_pixels(golden.input_media(task), vae_side).unsqueeze(0)
     mu, logvar = vae.encode(pixels)
     expected_mu = _channels_first(golden.tensors(task)["vae_encode/mu.0"])
     expected_logvar = _channels_first(golden.tensors(task)["vae_encode/log_var.0"])

@@ -23,15 +23,9 @@ def vit(vit_dir) -> LanceViT:
     return load_vit(vit_dir, torch.float32, "cpu")
 
 
-def _source_frames(golden, task: str):
-    media_file = next(name for name in golden.fixture(task)["inputs"] if not name.endswith(".json"))
-    path = golden.root / media_file
-    return media.load_image(path) if path.suffix == ".png" else media.load_video(path)[0]
-
-
 def _fixture_pixels(golden, task: str) -> torch.Tensor:
     _, vit_side = media.preset_sides(golden.hyper(task)["resolution"])
-    return media.vit_pixels(_source_frames(golden, task), vit_side)
+    return media.vit_pixels(golden.input_media(task), vit_side)
 
 
 @pytest.mark.parametrize("task", ["x2t_image", "x2t_video", "image_edit", "video_edit"])
