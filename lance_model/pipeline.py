@@ -132,8 +132,12 @@ class LancePipeline(nn.Module):
 
     @contextlib.contextmanager
     def _use(self, module: nn.Module):
-        """In offload mode, a stage's module visits the execution device only while it runs."""
+        """A stage's module runs on the execution device. In offload mode it visits only while it runs; in
+        resident mode it stays, and is moved there if a host (e.g. ComfyUI's partial low-VRAM loading, which
+        only streams layers built from its ops) left it elsewhere."""
         if self.memory != "offload":
+            if not _on_device(module, self.execution_device):
+                module.to(self.execution_device)
             yield
             return
         module.to(self.execution_device)
@@ -355,6 +359,13 @@ class LancePipeline(nn.Module):
         """t2i/t2v have no user-turn slot besides the caption: earlier turns are prepended to it."""
         lines = [t.text for t in self._history(settings)]
         return "".join(lines) + prompt if lines and isinstance(prompt, str) else prompt
+
+
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    """True when the module's weights are on `device` ("cuda" without an index means the current GPU)."""
+    actual = next(module.parameters()).device
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else None)
+    return actual.type == device.type and actual.index == index
 
 
 def _fingerprint(paths: ReleasePaths) -> str:

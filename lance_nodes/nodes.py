@@ -16,10 +16,11 @@ LanceContextType = io.Custom("LANCE_CONTEXT")
 
 IMAGE_RESOLUTIONS = ["image_256res", "image_512res", "image_768res"]
 VIDEO_RESOLUTIONS = ["video_192p", "video_360p", "video_480p"]
-CFG_RENORM = ["global", "channel", "text_channel"]
+CFG_RENORM = ["global", "channel", "none"]
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
-MAX_SIZE = 2048
 SIZE_STEP = 16
+MAX_SIZE = 1024         # 64 latent positions x 16 px: the model's position table (lance_model LanceConstants)
+MAX_FRAMES = 121        # 31 latent frames (LanceConstants.max_num_frames)
 
 
 # ---------------------------------------------------------------- shared input groups (order = contract)
@@ -38,7 +39,7 @@ def _sampling_inputs(steps: int = 30):
     return [
         io.Int.Input("steps", default=steps, min=1, max=200, step=1, tooltip="Denoising steps."),
         io.Float.Input("shift", default=3.5, min=0.1, max=20.0, step=0.05, tooltip="Timestep shift of the flow schedule."),
-        io.Float.Input("cfg_scale", default=4.0, min=0.0, max=20.0, step=0.1,
+        io.Float.Input("cfg_scale", default=4.0, min=1.0, max=20.0, step=0.1,
                        tooltip="Text classifier-free guidance scale (1.0 = no guidance)."),
         io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance is applied for timesteps in [start, end]."),
@@ -51,14 +52,18 @@ def _sampling_inputs(steps: int = 30):
     ]
 
 
-def _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed,
-                batch_size) -> dict:
+def _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm,
+             cfg_renorm_min, seed, batch_size):
+    """The common start of every sampling node: checked model and context, and the library's options."""
+    model = runtime.check_model(model)
+    context = runtime.check_context(context, model)
     if cfg_interval_start > cfg_interval_end:
         raise input_error(f"cfg_interval_start ({cfg_interval_start}) must not be greater than "
                           f"cfg_interval_end ({cfg_interval_end})")
-    return dict(steps=int(steps), shift=float(shift), cfg_scale=float(cfg_scale),
-                cfg_interval=(float(cfg_interval_start), float(cfg_interval_end)), cfg_renorm=cfg_renorm,
-                cfg_renorm_min=float(cfg_renorm_min), seed=int(seed), batch_size=int(batch_size))
+    options = dict(steps=int(steps), shift=float(shift), cfg_scale=float(cfg_scale),
+                   cfg_interval=(float(cfg_interval_start), float(cfg_interval_end)), cfg_renorm=cfg_renorm,
+                   cfg_renorm_min=float(cfg_renorm_min), seed=int(seed), batch_size=int(batch_size), context=context)
+    return model, options
 
 
 def _image_outputs():
@@ -139,11 +144,9 @@ class LanceT2I(io.ComfyNode):
     @node_errors
     def execute(cls, model, prompt, width, height, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                 cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
-        model = runtime.check_model(model)
-        context = runtime.check_context(context, model)
-        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
-                          seed, batch_size)
-        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height), context=context, **gen)
+        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
+                              cfg_renorm, cfg_renorm_min, seed, batch_size)
+        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height), **gen)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -159,10 +162,10 @@ class LanceT2V(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="A small boat sails across a calm lake at sunset."),
                 io.Int.Input("width", default=848, min=64, max=MAX_SIZE, step=SIZE_STEP),
                 io.Int.Input("height", default=480, min=64, max=MAX_SIZE, step=SIZE_STEP),
-                io.Int.Input("num_frames", default=61, min=1, max=241, step=4, tooltip="4k+1 frames (1, 5, ..., 61, ...)."),
+                io.Int.Input("num_frames", default=61, min=1, max=MAX_FRAMES, step=4, tooltip="4k+1 frames (1, 5, ..., 61, ...)."),
                 io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
                                tooltip="Resolution preset used to prepare the start image."),
-                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output."),
+                io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
                 *_sampling_inputs(30),
                 io.Image.Input("start_image", optional=True, tooltip="Optional first frame: image to video."),
                 _context_input(),
@@ -175,15 +178,13 @@ class LanceT2V(io.ComfyNode):
     def execute(cls, model, prompt, width, height, num_frames, resolution, fps, steps, shift, cfg_scale,
                 cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size,
                 start_image=None, context=None):
-        model = runtime.check_model(model)
-        context = runtime.check_context(context, model)
+        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
+                              cfg_renorm, cfg_renorm_min, seed, batch_size)
         if start_image is not None:
             start_image = runtime.check_image(start_image, "start_image")
-        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
-                          seed, batch_size)
         result = runtime.run(model, "text_to_video", prompt, width=int(width), height=int(height),
                              num_frames=int(num_frames), start_image=start_image, resolution=resolution,
-                             context=context, **gen)
+                             **gen)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -210,12 +211,10 @@ class LanceEdit(io.ComfyNode):
     @node_errors
     def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
                 cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
-        model = runtime.check_model(model)
-        context = runtime.check_context(context, model)
+        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
+                              cfg_renorm, cfg_renorm_min, seed, batch_size)
         image = runtime.check_image(image, "image")
-        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
-                          seed, batch_size)
-        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution, context=context, **gen)
+        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution, **gen)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -231,7 +230,7 @@ class LanceVideoEdit(io.ComfyNode):
                 io.String.Input("instruction", multiline=True, default="Change the car color to red."),
                 io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
                                tooltip="Resolution preset the video is resized to."),
-                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output."),
+                io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
                 *_sampling_inputs(30),
                 _context_input(),
             ],
@@ -242,12 +241,10 @@ class LanceVideoEdit(io.ComfyNode):
     @node_errors
     def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
                 cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
-        model = runtime.check_model(model)
-        context = runtime.check_context(context, model)
+        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
+                              cfg_renorm, cfg_renorm_min, seed, batch_size)
         video = runtime.check_video(video, "video")
-        gen = _gen_kwargs(steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min,
-                          seed, batch_size)
-        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution, context=context, **gen)
+        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution, **gen)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -256,10 +253,7 @@ def _sampling_options(temperature: float, top_p: float, seed: int):
     """None = greedy decoding; otherwise the library's SamplingOptions."""
     if temperature <= 0:
         return None
-    options = getattr(lance_model(), "SamplingOptions", None)
-    if options is None:
-        raise input_error("temperature > 0 needs lance_model.SamplingOptions, which this library version lacks; use 0")
-    return options(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
+    return lance_model().SamplingOptions(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
 
 
 class LanceUnderstand(io.ComfyNode):

@@ -53,19 +53,11 @@ class LanceModel:
 
     def acquire(self) -> torch.nn.Module:
         """Put the weights back on the device if ComfyUI offloaded them under memory pressure."""
+        # After a partial (low-VRAM) load ComfyUI streams only the layers built from its ops (the LLM's
+        # Linear/Embedding); the library moves the ViT and VAE whole onto the execution device when they run.
         if self.patcher is not None:
             compat.load_to_device(self.patcher, full=False)
-            if getattr(self.patcher.model, "model_lowvram", False):
-                self.place_whole_stages()
         return self.pipe
-
-    def place_whole_stages(self) -> None:
-        """After a partial (low-VRAM) load: ComfyUI streams only the layers built from its ops (the LLM's
-        Linear/Embedding); the ViT and the VAE are not, so they run whole on the execution device."""
-        for name in ("vit_model", "vae_model"):
-            module = getattr(self.pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                module.to(self.pipe.device)
 
     def release(self) -> None:
         """Nothing to do: resident models stay in ComfyUI's loaded-model list (it frees them under memory

@@ -220,9 +220,9 @@ def test_headless_runner_tool(host, tmp_path):
     from PIL import Image
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (TINY_SIZE, TINY_SIZE)
-    out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.width=2048",
+    out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.prompt= ",
                 "--out", tmp_path / "bad"], timeout=600)
-    assert out.returncode == 1 and "lance.InputError: width 2048 exceeds" in out.stdout, out.stdout
+    assert out.returncode == 1 and "lance.InputError: prompt is empty" in out.stdout, out.stdout
     out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.width=8",
                 "--out", tmp_path / "bad"], timeout=600)
     assert out.returncode == 2 and "smaller than min" in out.stdout, out.stdout

@@ -51,7 +51,7 @@ DEFAULTS = {
     "LanceLoader": dict(variant="auto", dtype="auto", attention="auto", memory_mode="resident"),
     "LanceT2I": dict(width=768, height=768, steps=30, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4,
                      cfg_interval_end=1.0, cfg_renorm="global", cfg_renorm_min=0.0, seed=42, batch_size=1),
-    "LanceT2V": dict(width=848, height=480, num_frames=61, resolution="video_480p", fps=24.0, steps=30),
+    "LanceT2V": dict(width=848, height=480, num_frames=61, resolution="video_480p", fps=12.0, steps=30),
     "LanceEdit": dict(resolution="image_768res", steps=30, cfg_scale=4.0),
     "LanceVideoEdit": dict(resolution="video_480p", steps=30),
     "LanceUnderstand": dict(resolution="auto", max_new_tokens=256, temperature=0.0, top_p=1.0),
@@ -67,7 +67,7 @@ COMBOS = {
     ("LanceEdit", "resolution"): ["image_256res", "image_512res", "image_768res"],
     ("LanceVideoEdit", "resolution"): ["video_192p", "video_360p", "video_480p"],
     ("LancePromptEnhance", "target"): ["image", "video"],
-    ("LanceT2I", "cfg_renorm"): ["global", "channel", "text_channel"],
+    ("LanceT2I", "cfg_renorm"): ["global", "channel", "none"],
 }
 
 
@@ -131,9 +131,9 @@ def test_size_widgets_step_16(nodes):
     for node_id in ("LanceT2I", "LanceT2V"):
         for inp in schemas[node_id].inputs:
             if inp.id in ("width", "height"):
-                assert (inp.min, inp.max, inp.step) == (64, 2048, 16)
+                assert (inp.min, inp.max, inp.step) == (64, 1024, 16)
     frames = next(i for i in schemas["LanceT2V"].inputs if i.id == "num_frames")
-    assert (frames.min, frames.step) == (1, 4)
+    assert (frames.min, frames.max, frames.step) == (1, 121, 4)
 
 
 def test_object_info_v1(nodes):
