@@ -27,11 +27,12 @@ def text_sequence(length: int, vocab: int) -> PackedSequence:
     return PackedSequence(ids, torch.full((length,), -1), [], [Split(0, length, "causal", -1)], pos, False)
 
 
-def measure(llm, label: str, prompt: int, tokens: int, bandwidth: float) -> None:
+def measure(llm, label: str, prompt: int, tokens: int, bandwidth: float, cuda_graph: bool | None) -> None:
     device = llm.device
     seq = text_sequence(prompt, llm.config.vocab_size)
     embeds = llm.embed_text(seq.ids)
-    run = lambda n: decode(llm, seq, embeds, max_new_tokens=n, stop_ids=set(), vocab_limit=llm.config.vocab_size)
+    run = lambda n: decode(llm, seq, embeds, max_new_tokens=n, stop_ids=set(), vocab_limit=llm.config.vocab_size,
+                           cuda_graph=cuda_graph)
     prefill = timed(lambda: run(1), device)
     total = timed(lambda: run(tokens), device)
     per_token = (total - prefill) / (tokens - 1)
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--no-graph", action="store_true", help="decode eagerly even on CUDA (for comparison)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -57,9 +59,10 @@ def main() -> None:
     from lance_model import load_lance
 
     tiny = load_lance(GOLDEN / "checkpoint", dtype=dtype, device=device).llm
-    measure(tiny, "tiny fixture model", args.prompt, args.tokens, bandwidth)
+    graph = False if args.no_graph else None
+    measure(tiny, "tiny fixture model", args.prompt, args.tokens, bandwidth, graph)
     real = random_llm(real_width_config(args.layers), dtype, device)
-    measure(real, f"real width, {args.layers} layers", args.prompt, args.tokens, bandwidth)
+    measure(real, f"real width, {args.layers} layers", args.prompt, args.tokens, bandwidth, graph)
 
 
 if __name__ == "__main__":

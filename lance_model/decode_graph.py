@@ -36,7 +36,8 @@ class StaticDecodeStep:
         self.llm, self.cache = llm, cache
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, 3, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        # the last slot: warm-up and capture write there, and it stays masked until a real step rewrites it
+        self.slot = torch.full((1,), cache.capacity - 1, dtype=torch.long, device=device)
         self.valid = torch.zeros(1, 1, 1, cache.capacity, dtype=torch.bool, device=device)
         self.attend = SlotAttention(llm, cache, self.slot, self.valid)
         self.graph = None
@@ -49,8 +50,7 @@ class StaticDecodeStep:
         return self.llm.logits(hidden[:, -1])[0]
 
     def _capture(self) -> None:
-        # warm up on a side stream (lazy inits, autotuning) before capturing, as CUDA graphs require;
-        # slot 0 is rewritten by the first real step, and `valid` is all False so nothing is read from it
+        # warm up on a side stream (lazy inits, autotuning) before capturing, as CUDA graphs require
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

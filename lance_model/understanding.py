@@ -78,8 +78,7 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
     generator = torch.Generator("cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
     with torch.inference_mode():
         logits = llm.logits(_prefill(llm, seq, embeds, cache)[:, -1])[0]
-        step_fn = StaticDecodeStep(llm, cache, cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
-        step_fn.mark_prefix(prompt_len)
+        step_fn = None  # built at the second token: a one-token answer needs no (captured) step
         next_pos = int(seq.positions[:, -1].max()) + 1
         ids, all_logits, stopped = [], [], False
         for step in range(max_new_tokens):
@@ -96,6 +95,9 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
                 break
             if step + 1 == max_new_tokens:
                 break
+            if step_fn is None:
+                step_fn = StaticDecodeStep(llm, cache, cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
+                step_fn.mark_prefix(prompt_len)
             logits = step_fn(token, next_pos + step, prompt_len + step)
     return DecodeResult(ids, torch.stack(all_logits), stopped)
 

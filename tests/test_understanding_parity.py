@@ -95,3 +95,15 @@ def test_stop_tokens(pipe, golden):
     from lance_model import InputError
     with pytest.raises(InputError, match="stop_tokens"):
         pipe.understand(golden.input_media("x2t_image"), question, stop_tokens=("not a token at all",))
+
+
+def test_static_decode_step_leaves_the_prompt_cache_intact(pipe, golden):
+    """The fixed-shape step (the CUDA-graph path; eager here) must not touch prompt slots while warming up."""
+    from lance_model.decode_graph import StaticDecodeStep
+
+    cache = pipe.llm.new_cache(1, 8)
+    for keys in cache.keys:
+        keys.fill_(1.0)
+    step = StaticDecodeStep(pipe.llm, cache, use_graph=False)
+    step._step()  # what a warm-up runs
+    assert all(bool((keys[:, :, :-1] == 1.0).all()) for keys in cache.keys)
