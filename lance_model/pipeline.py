@@ -57,6 +57,7 @@ class GenerationSettings:
     batched_cfg: bool = True
     uncond_positions: str = "reference_kv"
     condition_sampling: str = "mean"    # "mean" (deterministic) or "reference" (the official posterior sample)
+    euler_state: str = "fp32"           # dtype of the latents between Euler steps; the official code keeps "bf16"
     include_history: bool = False       # put the context's earlier turns into the prompt as text
     decode: bool = True
     on_step: Callable[[int, int, torch.Tensor], None] | None = None   # (step, total, x0 [B, C, t, h, w])
@@ -72,6 +73,8 @@ class GenerationSettings:
         settings = cls(**kwargs)
         if not isinstance(settings.batch_size, int) or not 1 <= settings.batch_size <= 64:
             raise InputError(f"batch_size must be an integer in 1..64, got {settings.batch_size!r}")
+        if settings.euler_state not in ("fp32", "bf16"):
+            raise InputError(f"euler_state must be 'fp32' or 'bf16', got {settings.euler_state!r}")
         if settings.condition_sampling not in ("mean", "reference"):
             raise InputError(f"condition_sampling must be 'mean' or 'reference', got {settings.condition_sampling!r}")
         return settings
@@ -79,7 +82,8 @@ class GenerationSettings:
     def sampler_options(self) -> SamplerOptions:
         guidance = GuidanceOptions(float(self.cfg_scale), tuple(self.cfg_interval), self.cfg_renorm,
                                    float(self.cfg_renorm_min), self.uncond_positions)
-        return SamplerOptions(self.steps, float(self.shift), guidance, self.batched_cfg)
+        state = torch.float32 if self.euler_state == "fp32" else torch.bfloat16
+        return SamplerOptions(self.steps, float(self.shift), guidance, self.batched_cfg, state)
 
 
 @dataclass

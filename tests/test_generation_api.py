@@ -134,3 +134,11 @@ def test_prompt_enhancement_returns_text(pipe):
     assert isinstance(text, str) and text
     with pytest.raises(InputError, match="target"):
         pipe.enhance_prompt("a cat", target="audio")
+
+
+def test_bf16_euler_state_switch(pipe):
+    fp32 = pipe.text_to_image("a red cat", seed=5, decode=False, **SMALL).latents
+    bf16 = pipe.text_to_image("a red cat", seed=5, decode=False, euler_state="bf16", **SMALL).latents
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.05)
+    with pytest.raises(InputError, match="euler_state"):
+        pipe.text_to_image("a red cat", euler_state="fp8", **SMALL)
