@@ -54,7 +54,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * x32.to(x.dtype)
+        # .to(device) is a no-op normally; under a host's low-VRAM loading the weight may still be in RAM
+        return self.weight.to(device=x.device, dtype=x.dtype) * x32.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -192,6 +193,7 @@ class LanceLLM(nn.Module):
         self.llm2vae = ops.Linear(cfg.hidden_size, c.latent_channels, bias=True)
         self.rotary = MultimodalRotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.attention = attention or Attention("sdpa")
+        self.execution_device: torch.device | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -199,7 +201,9 @@ class LanceLLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.vae2llm.weight.device
+        """Where activations and the KV cache live: the execution device when a host set one (under ComfyUI's
+        low-VRAM loading some weights stay in RAM and are cast over per layer), else where the weights are."""
+        return self.execution_device or self.vae2llm.weight.device
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         cfg = self.config

@@ -115,6 +115,7 @@ class LancePipeline(nn.Module):
         self.vit, self.vae = vit, vae
         self.memory = memory
         self.execution_device = execution_device or llm.device
+        llm.execution_device = self.execution_device
         self.model_id = _fingerprint(paths)
 
     # -- properties ---------------------------------------------------------------------------------------
@@ -136,11 +137,12 @@ class LancePipeline(nn.Module):
 
     @contextlib.contextmanager
     def _use(self, module: nn.Module):
-        """A stage's module runs on the execution device. In offload mode it visits only while it runs; in
-        resident mode it stays, and is moved there if a host (e.g. ComfyUI's partial low-VRAM loading, which
-        only streams layers built from its ops) left it elsewhere."""
+        """A stage's module runs on the execution device. In offload mode it visits only while it runs. In
+        resident mode the ViT and VAE are moved there if a host left them elsewhere (ComfyUI's partial low-VRAM
+        loading streams only layers built from its ops); the LLM is built from those ops, so where its weights
+        sit is the host's business."""
         if self.memory != "offload":
-            if not _on_device(module, self.execution_device):
+            if module is not self.llm and not _on_device(module, self.execution_device):
                 module.to(self.execution_device)
             yield
             return
@@ -366,10 +368,9 @@ class LancePipeline(nn.Module):
 
 
 def _on_device(module: nn.Module, device: torch.device) -> bool:
-    """True when the module's weights are on `device` ("cuda" without an index means the current GPU)."""
-    actual = next(module.parameters()).device
+    """True when all of the module's weights are on `device` ("cuda" without an index = the current GPU)."""
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else None)
-    return actual.type == device.type and actual.index == index
+    return all(p.device.type == device.type and p.device.index == index for p in module.parameters())
 
 
 def _fingerprint(paths: ReleasePaths) -> str:
