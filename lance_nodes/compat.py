@@ -109,15 +109,6 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device()
 
 
-def supports_bf16(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        return bool(mm.should_use_bf16(device))
-    except Exception:  # noqa: BLE001 - older signatures
-        return torch.cuda.is_bf16_supported()
-
-
 def manual_cast_ops():
     """ComfyUI's cast-on-the-fly ops (low-VRAM partial loading reaches only layers built from these)."""
     import comfy.ops
@@ -150,10 +141,6 @@ def unload(patcher) -> None:
 
 
 # ---------------------------------------------------------------- interrupt, progress, previews
-InterruptProcessingException = mm.InterruptProcessingException
-OOM_EXCEPTION = mm.OOM_EXCEPTION
-
-
 def interrupted() -> bool:
     return bool(mm.processing_interrupted())
 

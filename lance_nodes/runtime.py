@@ -115,14 +115,6 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
         return model
 
 
-def clear_cache() -> None:
-    with _CACHE_LOCK:
-        for key in list(_CACHE):
-            model = _CACHE.pop(key)
-            if model.patcher is not None:
-                compat.unload(model.patcher)
-
-
 # ---------------------------------------------------------------- input checks (clear errors on the node)
 def check_model(model) -> LanceModel:
     if not isinstance(model, LanceModel):
