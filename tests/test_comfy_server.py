@@ -226,3 +226,46 @@ def test_headless_runner_tool(host, tmp_path):
     out = _run([*tool, REPO_ROOT / "workflows" / "api" / "t2i.json", *server, *sets, "--set", "LanceT2I.width=8",
                 "--out", tmp_path / "bad"], timeout=600)
     assert out.returncode == 2 and "smaller than min" in out.stdout, out.stdout
+
+
+def test_interrupt_through_the_server_then_next_prompt_runs(host, tmp_path):
+    """A long LanceT2I is interrupted through POST /interrupt while it samples: the prompt ends as interrupted
+    (well before its last step) and the same server then runs the next prompt with the cached model."""
+    _require_host()
+    import time
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import run_workflow as runner
+
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "comfyui-lance").symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "models").mkdir()
+    (base / "models" / "lance").symlink_to(host["models"] / "lance", target_is_directory=True)
+    proc, server = runner.start_server(str(COMFYUI_DIR), str(PYTHON),
+                                       ["--cpu", f"--base-directory={base}", "--disable-api-nodes",
+                                        "--database-url=sqlite:///:memory:", "--preview-method", "none"], 300)
+    try:
+        workflow = tiny(shipped_api_workflows()["t2i"])
+        long_run = runner.apply_sets(json.loads(json.dumps(workflow)), [
+            "LanceT2I.steps=200", "LanceT2I.width=1024", "LanceT2I.height=1024"])
+        prompt_id = runner._request(server, "/prompt", {"prompt": long_run})["prompt_id"]
+        deadline = time.time() + 120
+        while time.time() < deadline and not runner._request(server, "/queue")["queue_running"]:
+            time.sleep(0.2)
+        time.sleep(3.0)  # model loaded and sampling
+        started = time.time()
+        runner._request(server, "/interrupt", {})
+        entry = None
+        while time.time() < deadline:
+            entry = runner._request(server, f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str"):
+                break
+            time.sleep(0.2)
+        assert entry is not None, "the interrupted prompt never finished"
+        kinds = [kind for kind, _ in entry["status"]["messages"]]
+        assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+        assert time.time() - started < 30, "interrupt was not honoured within a step"
+        assert runner.run(server, workflow, tmp_path / "after", timeout=300) == 0
+        assert len(list((tmp_path / "after").glob("*.png"))) == 1
+    finally:
+        runner.stop_server(proc)
