@@ -19,7 +19,7 @@ from torch import nn
 from .attention import Attention
 from .config import LLMConfig
 from .kv_cache import KVCache
-from .ops import TorchOps
+from .ops import TorchOps, norm_layer
 from .positions import MultimodalRotary, apply_rotary, timestep_sinusoid
 
 GEN = "_moe_gen"
@@ -41,21 +41,6 @@ def segments_from_mask(gen_mask: torch.Tensor) -> list[Segment]:
             segments.append(Segment(start, i, bool(flags[start])))
             start = i
     return segments
-
-
-class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # .to(device) is a no-op normally; under a host's low-VRAM loading the weight may still be in RAM
-        return self.weight.to(device=x.device, dtype=x.dtype) * x32.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -88,8 +73,8 @@ class MoTAttention(nn.Module):
             setattr(self, "k_proj" + suffix, ops.Linear(h, kv_out, bias=True))
             setattr(self, "v_proj" + suffix, ops.Linear(h, kv_out, bias=True))
             setattr(self, "o_proj" + suffix, ops.Linear(q_out, h, bias=False))
-            setattr(self, "q_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
-            setattr(self, "k_norm" + suffix, RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+            setattr(self, "q_norm" + suffix, norm_layer(ops, cfg.head_dim, cfg.rms_norm_eps))
+            setattr(self, "k_norm" + suffix, norm_layer(ops, cfg.head_dim, cfg.rms_norm_eps))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def expert(self, gen: bool) -> dict[str, nn.Module]:
@@ -111,10 +96,10 @@ class MoTDecoderLayer(nn.Module):
         self.self_attn = MoTAttention(cfg, ops)
         self.mlp = MLP(cfg, ops)
         self.mlp_moe_gen = MLP(cfg, ops)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm_moe_gen = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
                 attend: "BlockAttention") -> torch.Tensor:
@@ -159,8 +144,8 @@ class QwenMoTModel(nn.Module):
         super().__init__()
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LanguageModel(nn.Module):
