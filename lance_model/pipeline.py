@@ -406,6 +406,7 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
         vae.enable_tiling()
     if vae.z_dim != llm.config.constants.latent_channels:
         raise InputError(f"VAE latent channels {vae.z_dim} do not match the model's {llm.config.constants.latent_channels}")
-    log.info("Lance loaded from %s (%s, %s, attention=%s, memory=%s)", paths.root, dtype, execution_device,
-             llm.attention.name, memory)
+    log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
+             paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
+             paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
     return LancePipeline(paths, llm, tokenizer, vit, vae, memory, execution_device)
