@@ -77,6 +77,13 @@ def _video_outputs():
         + compat.video_outputs()
 
 
+def _source_fps_input():
+    return io.Float.Input(
+        "source_fps", default=0.0, min=0.0, max=240.0, step=0.001, optional=True,
+        tooltip="Frame rate of the input video (e.g. from Get Video Components). When set, frames are sampled as "
+                "Lance was trained: about 12 fps over at most 6 s. 0 = use the frames as given.")
+
+
 def _context_output():
     return LanceContextType.Output(display_name="context", tooltip="The conversation with this turn appended.")
 
@@ -233,6 +240,7 @@ class LanceVideoEdit(io.ComfyNode):
                 io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
                 *_sampling_inputs(30),
                 _context_input(),
+                _source_fps_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
@@ -240,11 +248,12 @@ class LanceVideoEdit(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, source_fps=0.0):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
         video = runtime.check_video(video, "video")
-        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution, **gen)
+        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution,
+                             fps=float(source_fps) or None, **gen)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -277,6 +286,7 @@ class LanceUnderstand(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="One image (connect either image or video)."),
                 io.Image.Input("video", optional=True, tooltip="Video frames as an IMAGE batch."),
                 _context_input(),
+                _source_fps_input(),
             ],
             outputs=[io.String.Output(display_name="text"), _context_output()],
             hidden=[io.Hidden.unique_id],
@@ -286,7 +296,7 @@ class LanceUnderstand(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, question, instruction, resolution, max_new_tokens, temperature, top_p, seed,
-                image=None, video=None, context=None):
+                image=None, video=None, context=None, source_fps=0.0):
         model = runtime.check_model(model)
         context = runtime.check_context(context, model)
         if image is not None and video is not None:
@@ -308,7 +318,7 @@ class LanceUnderstand(io.ComfyNode):
                              instruction=instruction or None,
                              resolution=None if resolution == "auto" else resolution,
                              max_new_tokens=int(max_new_tokens), sampling=_sampling_options(temperature, top_p, seed),
-                             on_token=on_token, context=context)
+                             on_token=on_token, context=context, fps=float(source_fps) or None)
         return io.NodeOutput(result.text, result.context, ui=ui.PreviewText(result.text))
 
 

@@ -158,3 +158,12 @@ def test_stage_modules_left_elsewhere_by_a_host_are_brought_back(golden, monkeyp
     pipe.edit_image(torch.rand(1, 64, 64, 3), "make it blue", resolution="image_256res", steps=1)
     assert {name for name, _ in moved} == {"vit_model", "vae_model"}
     assert all(args == (pipe.execution_device,) for _, args in moved)
+
+
+def test_video_fps_applies_the_reference_frame_sampler(pipe):
+    """30 frames at 24 fps = 1.25 s -> 15 frames at 12 fps -> the largest 4k+1 = 13 frames (4 latent frames)."""
+    video = torch.rand(30, 64, 64, 3)
+    sampled = pipe.edit_video(video, "make it red", resolution="video_192p", fps=24.0, steps=1, decode=False)
+    assert sampled.latents.shape[2] == 4
+    as_given = pipe.edit_video(video, "make it red", resolution="video_192p", steps=1, decode=False)
+    assert as_given.latents.shape[2] == 8  # 29 usable frames (4k+1) -> 8 latent frames

@@ -32,12 +32,12 @@ CONTRACT = {
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceVideoEdit": (
         [("model", "LANCE_MODEL"), ("video", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"),
-         ("fps", "FLOAT"), *GEN, CTX],
+         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional")],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceUnderstand": (
         [("model", "LANCE_MODEL"), ("question", "STRING"), ("instruction", "STRING"), ("resolution", "COMBO"),
          ("max_new_tokens", "INT"), ("temperature", "FLOAT"), ("top_p", "FLOAT"), ("seed", "INT"),
-         ("image", "IMAGE", "optional"), ("video", "IMAGE", "optional"), CTX],
+         ("image", "IMAGE", "optional"), ("video", "IMAGE", "optional"), CTX, ("source_fps", "FLOAT", "optional")],
         ["STRING", "LANCE_CONTEXT"]),
     "LancePromptEnhance": (
         [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("target", "COMBO"), ("max_new_tokens", "INT")],
