@@ -123,20 +123,38 @@ class MoTDecoderLayer(nn.Module):
         return x + mlp(norm(x))
 
 
-class BlockAttention:
-    """Binds one block's cache slot and mask so each layer only passes q, k, v."""
+@dataclass(frozen=True)
+class CacheSlot:
+    """Where one group of batch rows keeps this block's keys/values: cache rows `rows`, positions from `start`.
+    Rows with different prefix lengths (the CFG branches) form separate groups, so each group attends to exactly
+    its own keys with no padding mask (and fast SDPA/flash kernels stay usable)."""
 
-    def __init__(self, backend: Attention, cache: KVCache | None, start: int, causal: bool,
-                 key_mask: torch.Tensor | None, rows: slice):
-        self.backend, self.cache, self.start, self.causal, self.key_mask, self.rows = backend, cache, start, causal, key_mask, rows
+    rows: slice
+    start: int
+
+    def size(self, cache: KVCache) -> int:
+        return len(range(*self.rows.indices(cache.batch)))
+
+
+class BlockAttention:
+    """Binds one block's cache slots so each layer only passes q, k, v."""
+
+    def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool):
+        self.backend, self.cache, self.slots, self.causal = backend, cache, slots, causal
         self.layer = 0
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.cache is not None:
-            self.cache.write(self.layer, self.start, k, v, self.rows)
-            k, v = self.cache.read(self.layer, self.start + k.shape[2], self.rows)
+        if self.cache is None:
+            return self.backend(q, k, v, causal_bottom_right=self.causal)
+        outputs, first = [], 0
+        for slot in self.slots:
+            part = slice(first, first + slot.size(self.cache))
+            self.cache.write(self.layer, slot.start, k[part], v[part], slot.rows)
+            keys, values = self.cache.read(self.layer, slot.start + k.shape[2], slot.rows)
+            outputs.append(self.backend(q[part], keys, values, causal_bottom_right=self.causal))
+            first = part.stop
         self.layer += 1
-        return self.backend(q, k, v, mask=self.key_mask, causal_bottom_right=self.causal)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class QwenMoTModel(nn.Module):
@@ -204,12 +222,13 @@ class LanceLLM(nn.Module):
         return self.vae2llm(latents.to(self.device, self.dtype)) + t_emb + pos_embed.to(self.device, self.dtype)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], *,
-                cache: KVCache | None = None, start: int = 0, causal: bool = True,
-                key_mask: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+                cache: KVCache | None = None, start: int = 0, causal: bool = True, rows: slice = slice(None),
+                slots: list[CacheSlot] | None = None) -> torch.Tensor:
         """Run one block. hidden [B, L, H], positions [B, 3, L]. With a cache, the block's keys/values are
-        written at [start, start + L) of `rows` and attention reads the cache up to there. Returns the
-        final-normed hidden states (und rows: model.norm, gen rows: model.norm_moe_gen)."""
-        attend = BlockAttention(self.attention, cache, start, causal, key_mask, rows)
+        written at [start, start + L) of cache `rows` and attention reads the cache up to there; `slots` gives
+        several such (rows, start) groups, in batch order. Returns the final-normed hidden states (und rows:
+        model.norm, gen rows: model.norm_moe_gen)."""
+        attend = BlockAttention(self.attention, cache, slots or [CacheSlot(rows, start)], causal)
         return self.run_layers(hidden, positions, segments, attend)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], attend) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The conditioning prefix (everything before the target block) is prefilled once per CFG branch; each step then
 runs only the target block `[vision_start | latents | vision_end]` against the cache. Conditional and
-unconditional branches run in one batched forward (rows [cond x B, uncond x B]); the uncond rows' shorter
-prefix is handled with a key mask.
+unconditional branches run in one batched forward (rows [cond x B, uncond x B]): projections and MLPs are
+batched, attention runs once per branch over exactly that branch's keys (no padding mask).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .errors import Cancelled, InputError
-from .llm import LanceLLM, segments_from_mask
+from .llm import CacheSlot, LanceLLM, segments_from_mask
 from .packing import PackedSequence, drop_caption
 
 RENORM_TYPES = ("global", "channel", "none")
@@ -169,36 +169,26 @@ class FlowSampler:
         latent = self.llm.embed_latents(x, t_tokens, self.pos_embed)
         markers = self.marker_embeds.to(latent.dtype).unsqueeze(0).expand(b, -1, -1)
         query = torch.cat([markers[:, :1], latent, markers[:, 1:]], dim=1)
-        guided = self.guided and self.opts.guidance.active(t)
-        if not guided:
-            return self._forward(query, self.cond_query_pos, rows=slice(0, b), start=self.prefix_len), None
+        cond = CacheSlot(slice(0, b), self.prefix_len)
+        if not (self.guided and self.opts.guidance.active(t)):
+            return self._forward(query, self.cond_query_pos, [cond]), None
+        uncond = CacheSlot(slice(b, 2 * b), self.uncond_len)
         if not self.opts.batched_cfg:
-            v_cond = self._forward(query, self.cond_query_pos, rows=slice(0, b), start=self.prefix_len)
-            v_uncond = self._forward(query, self.uncond_query_pos, rows=slice(b, 2 * b), start=self.uncond_len)
-            return v_cond, v_uncond
+            return self._forward(query, self.cond_query_pos, [cond]), self._forward(query, self.uncond_query_pos, [uncond])
         pos = torch.cat([self.cond_query_pos.expand(b, -1, -1), self.uncond_query_pos.expand(b, -1, -1)])
-        v = self._forward(torch.cat([query, query]), pos, rows=slice(0, 2 * b), start=self.prefix_len,
-                          key_mask=self._uncond_key_mask(b, query.shape[1]))
+        v = self._forward(torch.cat([query, query]), pos, [cond, uncond])
         return v[:b], v[b:]
 
-    def _forward(self, query, pos, rows, start, key_mask=None) -> torch.Tensor:
+    def _forward(self, query, pos, slots: list[CacheSlot]) -> torch.Tensor:
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(query.shape[0], -1, -1)
-        out = self.llm(query, pos, self._query_segments(query.shape[1]), cache=self.cache, start=start,
-                       causal=False, key_mask=key_mask, rows=rows)
+        out = self.llm(query, pos, self._query_segments(query.shape[1]), cache=self.cache, causal=False, slots=slots)
         return self.llm.velocity(out[:, 1:-1])
 
     def _query_segments(self, length: int):
         gen = torch.ones(length, dtype=torch.bool)
         gen[0] = gen[-1] = False
         return segments_from_mask(gen)
-
-    def _uncond_key_mask(self, b: int, query_len: int) -> torch.Tensor:
-        """[2B, 1, 1, K]: uncond rows may not see the unused tail of their (shorter) prefix slot."""
-        keys = self.prefix_len + query_len
-        mask = torch.ones(2 * b, 1, 1, keys, dtype=torch.bool, device=self.llm.device)
-        mask[b:, :, :, self.uncond_len:self.prefix_len] = False
-        return mask
 
 
 def _kept_splits(seq: PackedSequence, prefix_len: int) -> list:
