@@ -54,7 +54,7 @@ class GenerationSettings:
     cfg_renorm_min: float = 0.0
     seed: int = 42
     batch_size: int = 1
-    batched_cfg: bool = True
+    batched_cfg: bool | None = None    # None = auto (batched for images and short clips, see sampler.py)
     uncond_positions: str = "reference_kv"
     condition_sampling: str = "mean"    # "mean" (deterministic) or "reference" (the official posterior sample)
     euler_state: str = "fp32"           # dtype of the latents between Euler steps; the official code keeps "bf16"

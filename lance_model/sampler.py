@@ -17,6 +17,7 @@ from .llm import CacheSlot, LanceLLM, segments_from_mask
 from .packing import PackedSequence, drop_caption
 
 RENORM_TYPES = ("global", "channel", "none")
+BATCHED_CFG_MAX_TOKENS = 16384
 UNCOND_POSITIONS = ("reference_kv", "contiguous")
 
 
@@ -49,7 +50,10 @@ class SamplerOptions:
     steps: int = 30
     shift: float = 3.5
     guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
-    batched_cfg: bool = True
+    # True / False, or None = auto: batched up to BATCHED_CFG_MAX_TOKENS query tokens. Measured on an H100 (bf16,
+    # release width): 768^2 image 99-114 ms batched vs 152-272 ms sequential per step; 848x480x61 video (45k tokens)
+    # 271 ms batched vs 226 ms sequential, where the step is compute-bound and batching only adds traffic.
+    batched_cfg: bool | None = None
     state_dtype: torch.dtype = torch.float32   # the reference keeps the Euler state in bf16
 
     def validate(self) -> None:
@@ -173,7 +177,10 @@ class FlowSampler:
         if not (self.guided and self.opts.guidance.active(t)):
             return self._forward(query, self.cond_query_pos, [cond]), None
         uncond = CacheSlot(slice(b, 2 * b), self.uncond_len)
-        if not self.opts.batched_cfg:
+        batched = self.opts.batched_cfg
+        if batched is None:
+            batched = query.shape[0] * query.shape[1] <= BATCHED_CFG_MAX_TOKENS
+        if not batched:
             return self._forward(query, self.cond_query_pos, [cond]), self._forward(query, self.uncond_query_pos, [uncond])
         pos = torch.cat([self.cond_query_pos.expand(b, -1, -1), self.uncond_query_pos.expand(b, -1, -1)])
         v = self._forward(torch.cat([query, query]), pos, [cond, uncond])

@@ -185,3 +185,15 @@ def test_uncond_branch_drops_exactly_the_caption(pipe, golden, runs):
         caption_ids = pipe.tokenizer.encode(golden.hyper(name)["caption"])
         dropped = inputs.seq.ids[inputs.seq.codes == CODE_CAPTION].tolist()
         assert dropped == caption_ids, f"{name}: the CFG-droppable tokens are not the caption"
+
+
+def test_auto_cfg_batching_matches_both_modes(pipe, golden, monkeypatch):
+    """Auto mode picks batched or sequential by size; both give the same latents."""
+    from lance_model import sampler
+
+    settings = settings_for(golden, "t2i", decode=False)
+    inputs = prepare(pipe, golden, "t2i", settings)
+    auto = pipe.generate("t2i", "x", inputs, settings).latents
+    monkeypatch.setattr(sampler, "BATCHED_CFG_MAX_TOKENS", 1)
+    forced_sequential = pipe.generate("t2i", "x", inputs, settings).latents
+    assert_close(auto, forced_sequential, 1e-5, "auto (batched) vs auto over the limit (sequential)")
