@@ -6,11 +6,28 @@ script arguments (not stored in any file) live in `LanceConstants` with the rele
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import read_json
 from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+QWEN25_VL_MROPE_SECTION = (16, 24, 24)  # Qwen2.5-VL-3B, head_dim 128
+
+
+def _qwen_default(section: dict, key: str, default, source: str, where: str = ""):
+    """The reference never injects these fields, so they must come from the file; a missing one falls back to the
+    Qwen2.5-VL value with a warning (or is an error where no such value applies)."""
+    if key in section:
+        return section[key]
+    if default is None:
+        raise CheckpointError(f"{source}: required field {where}{key} is missing")
+    log.warning("%s: %s%s missing, using the Qwen2.5-VL value %s", source, where, key, default)
+    return default
 
 
 @dataclass(frozen=True)
@@ -43,10 +60,8 @@ class LLMConfig:
     mrope_section: tuple[int, int, int]
     spatial_merge_size: int
     tokens_per_second: float
-    video_token_id: int
-    image_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int | None
+    video_token_id: int | None        # checked against the tokenizer when the file has it
+    vision_start_token_id: int | None
     hidden_act: str = "silu"
     constants: LanceConstants = field(default_factory=LanceConstants)
 
@@ -61,11 +76,12 @@ class LLMConfig:
         if hidden % heads:
             raise CheckpointError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         head_dim = int(raw.get("head_dim") or hidden // heads)
-        rope_scaling = need("rope_scaling") or {}
-        section = tuple(int(s) for s in need("mrope_section", rope_scaling, "rope_scaling."))
+        section = tuple(int(s) for s in _qwen_default(raw.get("rope_scaling") or {}, "mrope_section",
+                                                      QWEN25_VL_MROPE_SECTION if head_dim == 128 else None, source,
+                                                      "rope_scaling."))
         if len(section) != 3 or sum(section) * 2 != head_dim:
             raise CheckpointError(f"{source}: rope_scaling.mrope_section {list(section)} must have 3 entries summing to head_dim/2 = {head_dim // 2}")
-        vision = need("vision_config")
+        vision = raw.get("vision_config") or {}
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (Lance uses 'silu')")
@@ -80,12 +96,10 @@ class LLMConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(need("rope_theta")),
             mrope_section=section,
-            spatial_merge_size=int(need("spatial_merge_size", vision, "vision_config.")),
-            tokens_per_second=float(need("tokens_per_second", vision, "vision_config.")),
-            video_token_id=int(need("video_token_id")),
-            image_token_id=int(need("image_token_id")),
-            vision_start_token_id=int(need("vision_start_token_id")),
-            vision_end_token_id=raw.get("vision_end_token_id"),
+            spatial_merge_size=int(_qwen_default(vision, "spatial_merge_size", 2, source, "vision_config.")),
+            tokens_per_second=float(_qwen_default(vision, "tokens_per_second", 2, source, "vision_config.")),
+            video_token_id=raw.get("video_token_id"),
+            vision_start_token_id=raw.get("vision_start_token_id"),
             hidden_act=act,
         )
 

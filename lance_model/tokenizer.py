@@ -47,7 +47,8 @@ class LanceTokenizer:
                 raise CheckpointError(f"tokenizer has no special token {token} (Lance needs it; adding it would leave an untrained row)")
             ids[field] = int(token_id)
         special = SpecialTokens(**ids)
-        if special.placeholder != config.video_token_id or special.vision_start != config.vision_start_token_id:
+        expected = {special.placeholder: config.video_token_id, special.vision_start: config.vision_start_token_id}
+        if any(want is not None and int(want) != got for got, want in expected.items()):
             raise CheckpointError(
                 f"tokenizer ids ({VIDEO_PAD}={special.placeholder}, {VISION_START}={special.vision_start}) disagree with "
                 f"llm_config.json (video_token_id={config.video_token_id}, vision_start_token_id={config.vision_start_token_id})")

@@ -111,6 +111,16 @@ def test_wrong_shape_names_key_and_shapes(golden, tmp_path):
         load_lance(root, device="cpu")
 
 
+def test_release_config_without_vision_facts_falls_back_to_qwen_values(golden, caplog):
+    raw = json.loads((golden.checkpoint / "Lance_3B" / "llm_config.json").read_text())
+    raw.update(REAL)
+    for key in ("rope_scaling", "vision_config", "video_token_id", "vision_start_token_id"):
+        raw.pop(key)
+    cfg = LLMConfig.from_dict(raw)
+    assert cfg.mrope_section == (16, 24, 24) and cfg.spatial_merge_size == 2 and cfg.tokens_per_second == 2
+    assert "missing, using the Qwen2.5-VL value" in caplog.text
+
+
 def test_missing_config_field(golden, tmp_path):
     root = copy_release(golden, tmp_path)
     cfg_path = root / "Lance_3B" / "llm_config.json"

@@ -90,7 +90,7 @@ def test_bottom_right_causal_mask_and_prefix_attention():
 def test_chunked_mlp_equals_unchunked(monkeypatch):
     from lance_model.config import LLMConfig
 
-    cfg = LLMConfig(64, 128, 1, 4, 2, 16, 100, 1e-6, 1e6, (2, 3, 3), 2, 2, 1, 1, 1, 2)
+    cfg = LLMConfig(64, 128, 1, 4, 2, 16, 100, 1e-6, 1e6, (2, 3, 3), 2, 2, None, None)
     mlp = MLP(cfg, TorchOps)
     x = torch.randn(2, 50, 64)
     whole = mlp(x)
