@@ -17,7 +17,6 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .errors import CheckpointError
 
@@ -167,10 +166,3 @@ def assert_no_meta(module: torch.nn.Module, source: str) -> None:
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if tensor.is_meta:
             raise CheckpointError(f"{source}: tensor {name} was not loaded from the checkpoint")
-
-
-def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {exc}") from exc
