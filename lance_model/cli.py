@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoint import LANCE_FOLDERS
 from .errors import LanceError
 from .writers import save_frames
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lance_model", description="Run ByteDance Lance tasks.")
     parser.add_argument("--model", default=default_model(),
                         help="release folder (Lance_3B[_Video]/, Qwen2.5-VL-ViT/, Wan2.2_VAE.pth); default $LANCE_MODEL or the tiny test checkpoint")
-    parser.add_argument("--variant", default="auto", choices=["auto", "image", "video"])
+    parser.add_argument("--variant", default="auto", choices=["auto", "image", "video"],
+                        help="weights: auto = Lance_3B_Video for video tasks when present, else Lance_3B")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VIDEO_TASKS = ("t2v", "i2v", "video-edit")
+
+
+def pick_variant(model: str, requested: str, task: str) -> str:
+    """auto: the video weights (Lance_3B_Video) for video tasks when the folder has them, else the image weights
+    (the reference's per-task choice)."""
+    if requested != "auto":
+        return requested
+    wanted = "video" if task in VIDEO_TASKS else "image"
+    folder = LANCE_FOLDERS[1] if wanted == "video" else LANCE_FOLDERS[0]
+    return wanted if (Path(model).expanduser() / folder).is_dir() else "auto"
+
+
 def progress(step: int, total: int, _x0) -> None:
     print(f"  step {step + 1}/{total}", file=sys.stderr, flush=True)
 
@@ -75,7 +90,7 @@ def run(args) -> int:
     from .pipeline import load_lance
 
     started = time.perf_counter()
-    pipe = load_lance(args.model, variant=args.variant, dtype=args.dtype, device=args.device,
+    pipe = load_lance(args.model, variant=pick_variant(args.model, args.variant, args.task), dtype=args.dtype, device=args.device,
                       attention=args.attention, memory=args.memory, vae_tiling=args.vae_tiling)
     print(f"loaded {pipe.model_id} ({pipe.dtype}, {pipe.device}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if args.task == "understand":

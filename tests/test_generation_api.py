@@ -167,3 +167,18 @@ def test_video_fps_applies_the_reference_frame_sampler(pipe):
     assert sampled.latents.shape[2] == 4
     as_given = pipe.edit_video(video, "make it red", resolution="video_192p", steps=1, decode=False)
     assert as_given.latents.shape[2] == 8  # 29 usable frames (4k+1) -> 8 latent frames
+
+
+def test_cli_runs_t2v_and_picks_video_weights_when_present(golden, tmp_path):
+    from lance_model.cli import main, pick_variant
+
+    assert pick_variant(str(golden.checkpoint), "auto", "t2v") == "auto"  # the tiny set has only Lance_3B
+    release = tmp_path / "release"
+    (release / "Lance_3B_Video").mkdir(parents=True)
+    assert pick_variant(str(release), "auto", "t2v") == "video"
+    assert pick_variant(str(release), "auto", "t2i") == "auto"
+    out = tmp_path / "clip"
+    assert main(["--model", str(golden.checkpoint), "--device", "cpu", "t2v", "--prompt", "a boat", "--width", "64",
+                 "--height", "64", "--frames", "5", "--steps", "1", "--out", str(out)]) == 0
+    assert (tmp_path / "clip.mp4").stat().st_size > 0
+    assert main(["--model", str(tmp_path / "missing"), "t2i", "--prompt", "x"]) == 2
