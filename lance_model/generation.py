@@ -13,7 +13,7 @@ from .llm import LanceLLM
 from .packing import PackedSequence, pack
 from .positions import latent_position_embedding
 from .sampler import FlowSampler, SamplerOptions, StepInfo, TargetState
-from .templates import T2I_SYSTEM, T2V_SYSTEM, Text, Visual, edit_system
+from .templates import T2I_SYSTEM, T2V_SYSTEM, Text, Visual, edit_system, vit_visual
 from .tokenizer import LanceTokenizer
 
 
@@ -55,8 +55,7 @@ def edit_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instruction: str, v
     """User turn: [earlier-turn texts...] [source ViT block] [source latent block] [instruction]; the target
     block has the source's latent size."""
     tokenizer.encode_user_text(instruction, "instruction")
-    vit_tokens = vit_grid[0] * vit_grid[1] * vit_grid[2] // (cfg.spatial_merge_size ** 2)
-    user = list(history) + [Visual("vit", vit_tokens, vit_grid), Visual("source", source.tokens, source.rope_grid),
+    user = list(history) + [vit_visual(vit_grid, cfg.spatial_merge_size), Visual("source", source.tokens, source.rope_grid),
                             Text(instruction, droppable=True)]
     return pack(tokenizer, cfg, edit_system("video" if video else "image"), user,
                 [Visual("target", source.tokens, source.rope_grid)], close_assistant=True, shift_positions=True)

@@ -246,3 +246,24 @@ class LanceLLM(nn.Module):
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm2vae(hidden).float()
+
+
+def prefill_splits(llm: LanceLLM, embeds: torch.Tensor, positions: torch.Tensor, splits: list, gen_mask: torch.Tensor,
+                   cache: KVCache, row: int = 0) -> torch.Tensor:
+    """Fill one cache row split by split: causal text sees the cache and earlier tokens, visual blocks are
+    bidirectional. `embeds` [L, H] / `positions` [3, L] hold exactly these splits, in order (a CFG branch may skip
+    some); `gen_mask` is indexed by each split's own start/end. Returns the last split's hidden states."""
+    offset, hidden = 0, None
+    for split in splits:
+        part = slice(offset, offset + split.length)
+        hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0),
+                     segments_from_mask(gen_mask[split.start:split.end]), cache=cache, start=offset,
+                     causal=split.mode == "causal", rows=slice(row, row + 1))
+        offset += split.length
+    return hidden
+
+
+def query_segments(length: int) -> list[Segment]:
+    """A target block [vision_start | latents | vision_end]: markers use the und expert, latents the gen expert."""
+    return [Segment(0, 1, False), Segment(1, length - 1, True), Segment(length - 1, length, False)]
+

@@ -190,7 +190,7 @@ class LancePipeline(nn.Module):
         with self._use(self.vit_model):
             vit_embeds = self.vit.embed(vit_px)
         _, vit_grid = self.vit.patchify(vit_px)
-        history = self._history(settings)
+        history = self._history(settings.context, settings.include_history)
         seq = edit_sequence(self.tokenizer, self.config, instruction, vit_grid, grid, video, history)
         return GenerationInputs(seq, grid, [vit_embeds], [video_to_tokens(source)[0]])
 
@@ -281,7 +281,7 @@ class LancePipeline(nn.Module):
         elif not question:
             raise InputError("question is empty and no image or video was given")
         instruction = instruction or (VIDEO_QUESTION_SYSTEM if is_video else IMAGE_QUESTION_SYSTEM)
-        history = [Text(line) for line in context.transcript()] if include_history and context else []
+        history = self._history(context, include_history)
         seq = understanding_sequence(self.tokenizer, self.config, require_text(instruction, "instruction"),
                                      question, vit_grid, history)
         result = self._decode_text(seq, vit_embeds, max_new_tokens, sampling, on_token, cancel, stop_tokens)
@@ -356,14 +356,16 @@ class LancePipeline(nn.Module):
             return self.vae.sample_posterior(mu.cpu(), logvar.cpu(), generator)
         return mu.cpu()
 
-    def _history(self, settings: GenerationSettings) -> list[Text]:
-        if not settings.include_history or settings.context is None:
+    @staticmethod
+    def _history(context: LanceContext | None, include: bool) -> list[Text]:
+        """The context's earlier turns as prompt text, one line each (only when asked for)."""
+        if not include or context is None:
             return []
-        return [Text(line + "\n") for line in settings.context.transcript()]
+        return [Text(line + "\n") for line in context.transcript()]
 
     def _with_history(self, prompt: str, settings: GenerationSettings) -> str:
         """t2i/t2v have no user-turn slot besides the caption: earlier turns are prepended to it."""
-        lines = [t.text for t in self._history(settings)]
+        lines = [t.text for t in self._history(settings.context, settings.include_history)]
         return "".join(lines) + prompt if lines and isinstance(prompt, str) else prompt
 
 

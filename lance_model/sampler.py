@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .errors import Cancelled, InputError
-from .llm import CacheSlot, LanceLLM, segments_from_mask
+from .llm import CacheSlot, LanceLLM, prefill_splits, query_segments
 from .packing import PackedSequence, drop_caption
 
 RENORM_TYPES = ("global", "channel", "none")
@@ -114,36 +114,27 @@ class FlowSampler:
         capacity = self.prefix_len + self.target_split.length
         self.cache = llm.new_cache(batch * self.branches, capacity)
         self.marker_embeds = prefix_embeds[[self.target_split.start, self.target_split.end - 1]]
+        self.query_segments = query_segments(self.target_split.length)
         self._prefill(prefix_embeds)
 
     # -- prefix -----------------------------------------------------------------------------------------
     def _prefill(self, embeds: torch.Tensor) -> None:
         seq, g = self.seq, self.opts.guidance
         pos = seq.positions
-        self._run_prefix(embeds, pos, [s for s in seq.splits if s.end <= self.prefix_len], row=0)
+        prefix_splits = [s for s in seq.splits if s.end <= self.prefix_len]
+        prefill_splits(self.llm, embeds[:self.prefix_len], pos, prefix_splits, seq.gen_mask, self.cache, row=0)
         self.cond_query_pos = pos[:, self.target_split.start:self.target_split.end]
         if self.guided:
             keep, uncond_pos = drop_caption(seq, self.llm.config)
             kept_prefix = keep[keep < self.prefix_len]
             prefix_pos = pos[:, kept_prefix] if g.uncond_positions == "reference_kv" else uncond_pos[:, :len(kept_prefix)]
-            self.uncond_len = self._run_prefix(embeds[kept_prefix], prefix_pos,
-                                               _kept_splits(seq, self.prefix_len), row=self.batch)
+            prefill_splits(self.llm, embeds[kept_prefix], prefix_pos, _kept_splits(seq, self.prefix_len),
+                           seq.gen_mask, self.cache, row=self.batch)
+            self.uncond_len = len(kept_prefix)
             self.uncond_query_pos = uncond_pos[:, len(kept_prefix):len(kept_prefix) + self.target_split.length]
         for row in range(self.branches):
             self.cache.copy_rows(row * self.batch, range(row * self.batch + 1, (row + 1) * self.batch),
                                  self.prefix_len if row == 0 else self.uncond_len)
-
-    def _run_prefix(self, embeds: torch.Tensor, pos: torch.Tensor, splits: list, row: int) -> int:
-        """Prefill splits one by one (causal text sees the cache + earlier tokens; visual blocks are
-        bidirectional). `embeds`/`pos` are already restricted to these splits, in order."""
-        offset = 0
-        for split in splits:
-            part = slice(offset, offset + split.length)
-            gen = self.seq.gen_mask[split.start:split.end]
-            self.llm(embeds[part].unsqueeze(0), pos[:, part].unsqueeze(0), segments_from_mask(gen),
-                     cache=self.cache, start=offset, causal=split.mode == "causal", rows=slice(row, row + 1))
-            offset += split.length
-        return offset
 
     # -- steps ------------------------------------------------------------------------------------------
     def sample(self, state: TargetState, on_step: Callable[[StepInfo], None] | None = None,
@@ -189,13 +180,8 @@ class FlowSampler:
     def _forward(self, query, pos, slots: list[CacheSlot]) -> torch.Tensor:
         if pos.dim() == 2:
             pos = pos.unsqueeze(0).expand(query.shape[0], -1, -1)
-        out = self.llm(query, pos, self._query_segments(query.shape[1]), cache=self.cache, causal=False, slots=slots)
+        out = self.llm(query, pos, self.query_segments, cache=self.cache, causal=False, slots=slots)
         return self.llm.velocity(out[:, 1:-1])
-
-    def _query_segments(self, length: int):
-        gen = torch.ones(length, dtype=torch.bool)
-        gen[0] = gen[-1] = False
-        return segments_from_mask(gen)
 
 
 def _kept_splits(seq: PackedSequence, prefix_len: int) -> list:

@@ -36,6 +36,11 @@ class Visual:
     rope_grid: tuple[int, int, int]  # grid in pre-merge units for the position scan
 
 
+def vit_visual(grid: tuple[int, int, int], merge_size: int) -> Visual:
+    """A ViT block: `grid` counts pre-merge patches; the LLM gets one token per merge x merge patches."""
+    return Visual("vit", grid[0] * grid[1] * grid[2] // (merge_size ** 2), grid)
+
+
 def render(system: str, user: list, assistant: list, close_assistant: bool) -> str:
     """The chat string with one `<vision_start><video_pad><vision_end>` triple per visual block."""
     def items(parts):

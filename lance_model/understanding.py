@@ -7,11 +7,11 @@ from typing import Callable
 import torch
 
 from .config import LLMConfig
-from .errors import Cancelled, InputError
 from .decode_graph import StaticDecodeStep, cuda_graphs_usable
-from .llm import LanceLLM, segments_from_mask
+from .errors import Cancelled, InputError
+from .llm import LanceLLM, prefill_splits
 from .packing import PackedSequence, pack
-from .templates import Text, Visual
+from .templates import Text, vit_visual
 from .tokenizer import LanceTokenizer
 
 
@@ -48,8 +48,7 @@ def understanding_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instructio
     """system = instruction; user = [history texts] [media] [question]; the prompt ends after `assistant\\n`."""
     user = list(history)
     if vit_grid is not None:
-        tokens = vit_grid[0] * vit_grid[1] * vit_grid[2] // (cfg.spatial_merge_size ** 2)
-        user.append(Visual("vit", tokens, vit_grid))
+        user.append(vit_visual(vit_grid, cfg.spatial_merge_size))
     if question:
         tokenizer.encode_user_text(question, "question")
         user.append(Text(question))
@@ -77,7 +76,8 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
     cache = llm.new_cache(1, prompt_len + max_new_tokens)
     generator = torch.Generator("cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
     with torch.inference_mode():
-        logits = llm.logits(_prefill(llm, seq, embeds, cache)[:, -1])[0]
+        hidden = prefill_splits(llm, embeds, seq.positions, seq.splits, seq.gen_mask, cache)
+        logits = llm.logits(hidden[:, -1])[0]
         step_fn = None  # built at the second token: a one-token answer needs no (captured) step
         next_pos = int(seq.positions[:, -1].max()) + 1
         ids, all_logits, stopped = [], [], False
@@ -100,17 +100,6 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
                 step_fn.mark_prefix(prompt_len)
             logits = step_fn(token, next_pos + step, prompt_len + step)
     return DecodeResult(ids, torch.stack(all_logits), stopped)
-
-
-def _prefill(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, cache) -> torch.Tensor:
-    """Split by split (causal text, bidirectional ViT blocks); returns the hidden states of the last split."""
-    hidden = None
-    for split in seq.splits:
-        part = slice(split.start, split.end)
-        hidden = llm(embeds[part].unsqueeze(0), seq.positions[:, part].unsqueeze(0),
-                     segments_from_mask(seq.gen_mask[part]), cache=cache, start=split.start,
-                     causal=split.mode == "causal")
-    return hidden
 
 
 def choose_token(logits: torch.Tensor, history: list[int], vocab_limit: int, sampling: SamplingOptions,
