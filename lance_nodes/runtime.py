@@ -45,11 +45,11 @@ class LanceModel:
 
     @property
     def model_id(self) -> str:
-        return str(getattr(self.pipe, "model_id", ""))
+        return self.pipe.model_id
 
     def __repr__(self) -> str:  # shown by PreviewAny and in errors
-        return (f"LanceModel({self.name!r}, variant={getattr(self.pipe, 'variant', self.variant)}, "
-                f"dtype={getattr(self.pipe, 'dtype', self.dtype)}, memory={self.memory_mode})")
+        return (f"LanceModel({self.name!r}, variant={self.pipe.variant}, "
+                f"dtype={self.pipe.dtype}, memory={self.memory_mode})")
 
     def acquire(self) -> torch.nn.Module:
         """Put the weights back on the device if ComfyUI offloaded them under memory pressure."""
@@ -126,12 +126,10 @@ def check_context(context, model: LanceModel, what: str = "context"):
     """None, or a LanceContext made by this same model."""
     if context is None:
         return None
-    lib = lance_model()
-    context_type = getattr(lib, "LanceContext", None)
-    if context_type is not None and not isinstance(context, context_type):
+    if not isinstance(context, lance_model().LanceContext):
         raise input_error(f"{what}: expected a LANCE_CONTEXT from a Lance node, got {type(context).__name__}")
-    context_id = getattr(context, "model_id", None)
-    if context_id is not None and model.model_id and context_id != model.model_id:
+    context_id = context.model_id
+    if context_id != model.model_id:
         raise input_error(
             f"{what}: this conversation context was made by another Lance model ({context_id}), but this node "
             f"runs {model.name!r} ({model.model_id}). Connect a context produced with the same Lance Loader "
@@ -217,10 +215,7 @@ def run(model: LanceModel, method: str, *args, **kwargs):
     with model.lock:
         pipe = model.acquire()
         try:
-            fn = getattr(pipe, method, None)
-            if fn is None:
-                raise NotImplementedError(f"this lance_model version has no pipeline method {method!r}")
-            return call(fn, *args, **kwargs)
+            return call(getattr(pipe, method), *args, **kwargs)
         finally:
             model.release()
 
