@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .errors import Cancelled, InputError
+from .kv_cache import KVCache
 from .llm import CacheSlot, LanceLLM, prefill_splits, query_segments
 from .packing import PackedSequence, drop_caption
 
@@ -98,6 +99,72 @@ def renormalize(v: torch.Tensor, v_cond: torch.Tensor, kind: str, minimum: float
     return v * scale
 
 
+@dataclass(frozen=True)
+class BranchSlot:
+    """Where one CFG branch's prefix sits in a KV cache: its cache rows, its prefix length, and the positions of
+    the target block's query [3, target block length] for that branch."""
+
+    rows: slice
+    length: int
+    query_pos: torch.Tensor
+
+    def rows_in(self, cache: KVCache) -> int:
+        return len(range(*self.rows.indices(cache.batch)))
+
+
+class TargetBlock:
+    """The per-step query of one request: [vision_start | latent tokens | vision_end]."""
+
+    def __init__(self, seq: PackedSequence, prefix_embeds: torch.Tensor, pos_embed: torch.Tensor):
+        split = seq.target_split
+        self.tokens = split.length - 2
+        self.marker_embeds = prefix_embeds[[split.start, split.end - 1]]
+        self.pos_embed = pos_embed
+        self.segments = query_segments(split.length)
+
+    def query(self, llm: LanceLLM, x: torch.Tensor, t_tokens: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C] latents, t_tokens [B, N] per-token timesteps -> query embeddings [B, N + 2, H]."""
+        latent = llm.embed_latents(x, t_tokens, self.pos_embed)
+        markers = self.marker_embeds.to(latent.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([markers[:, :1], latent, markers[:, 1:]], dim=1)
+
+
+def prefill_branch(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, cache: KVCache, row: int,
+                   uncond: bool, uncond_positions: str = "reference_kv") -> BranchSlot:
+    """Prefill one branch's prefix into cache row `row`: the whole prefix (cond), or the prefix without the
+    caption (uncond; its positions per `uncond_positions`). Returns the branch's one-row slot."""
+    pos, target = seq.positions, seq.target_split
+    prefix_len = target.start
+    if not uncond:
+        prefix_splits = [s for s in seq.splits if s.end <= prefix_len]
+        prefill_splits(llm, embeds[:prefix_len], pos, prefix_splits, seq.gen_mask, cache, row=row)
+        return BranchSlot(slice(row, row + 1), prefix_len, pos[:, target.start:target.end])
+    keep, uncond_pos = drop_caption(seq, llm.config)
+    kept_prefix = keep[keep < prefix_len]
+    prefix_pos = pos[:, kept_prefix] if uncond_positions == "reference_kv" else uncond_pos[:, :len(kept_prefix)]
+    prefill_splits(llm, embeds[kept_prefix], prefix_pos, _kept_splits(seq, prefix_len), seq.gen_mask, cache, row=row)
+    length = len(kept_prefix)
+    return BranchSlot(slice(row, row + 1), length, uncond_pos[:, length:length + target.length])
+
+
+def slot_velocities(llm: LanceLLM, cache: KVCache, block: TargetBlock, query: torch.Tensor,
+                    slots: list[BranchSlot]) -> torch.Tensor:
+    """One forward of `query` [rows, L, H], laid out slot after slot, against the cache: projections and MLPs
+    batched, attention per slot over that slot's own keys. Returns velocities [rows, N, C] (fp32)."""
+    if len(slots) == 1:
+        pos = slots[0].query_pos.unsqueeze(0).expand(query.shape[0], -1, -1)
+    else:
+        pos = torch.cat([s.query_pos.expand(s.rows_in(cache), -1, -1) for s in slots])
+    out = llm(query, pos, block.segments, cache=cache, causal=False,
+              slots=[CacheSlot(s.rows, s.length) for s in slots])
+    return llm.velocity(out[:, 1:-1])
+
+
+def batched_cfg_fits(rows: int, query_len: int) -> bool:
+    """Auto CFG batching: one forward for both branches up to BATCHED_CFG_MAX_TOKENS query tokens per branch."""
+    return rows * query_len <= BATCHED_CFG_MAX_TOKENS
+
+
 class FlowSampler:
     def __init__(self, llm: LanceLLM, seq: PackedSequence, prefix_embeds: torch.Tensor, target_pos_embed: torch.Tensor,
                  options: SamplerOptions, batch: int):
@@ -105,36 +172,24 @@ class FlowSampler:
         target_pos_embed [N, H]: latent position embedding of the target block."""
         options.validate()
         self.llm, self.seq, self.opts, self.batch = llm, seq, options, batch
-        self.target_split = seq.target_split
-        self.prefix_len = self.target_split.start
-        self.pos_embed = target_pos_embed
+        self.block = TargetBlock(seq, prefix_embeds, target_pos_embed)
         self.timesteps = flow_timesteps(options.steps, options.shift)
         self.guided = any(options.guidance.active(float(t)) for t in self.timesteps[:-1])
         self.branches = 2 if self.guided else 1
-        capacity = self.prefix_len + self.target_split.length
+        capacity = seq.target_split.start + seq.target_split.length
         self.cache = llm.new_cache(batch * self.branches, capacity)
-        self.marker_embeds = prefix_embeds[[self.target_split.start, self.target_split.end - 1]]
-        self.query_segments = query_segments(self.target_split.length)
         self._prefill(prefix_embeds)
 
     # -- prefix -----------------------------------------------------------------------------------------
     def _prefill(self, embeds: torch.Tensor) -> None:
-        seq, g = self.seq, self.opts.guidance
-        pos = seq.positions
-        prefix_splits = [s for s in seq.splits if s.end <= self.prefix_len]
-        prefill_splits(self.llm, embeds[:self.prefix_len], pos, prefix_splits, seq.gen_mask, self.cache, row=0)
-        self.cond_query_pos = pos[:, self.target_split.start:self.target_split.end]
-        if self.guided:
-            keep, uncond_pos = drop_caption(seq, self.llm.config)
-            kept_prefix = keep[keep < self.prefix_len]
-            prefix_pos = pos[:, kept_prefix] if g.uncond_positions == "reference_kv" else uncond_pos[:, :len(kept_prefix)]
-            prefill_splits(self.llm, embeds[kept_prefix], prefix_pos, _kept_splits(seq, self.prefix_len),
-                           seq.gen_mask, self.cache, row=self.batch)
-            self.uncond_len = len(kept_prefix)
-            self.uncond_query_pos = uncond_pos[:, len(kept_prefix):len(kept_prefix) + self.target_split.length]
-        for row in range(self.branches):
-            self.cache.copy_rows(row * self.batch, range(row * self.batch + 1, (row + 1) * self.batch),
-                                 self.prefix_len if row == 0 else self.uncond_len)
+        """Branch b's prefix goes to row b * batch and is copied to the branch's other rows (one per seed)."""
+        self.slots = []
+        for branch in range(self.branches):
+            row = branch * self.batch
+            slot = prefill_branch(self.llm, self.seq, embeds, self.cache, row, uncond=branch == 1,
+                                  uncond_positions=self.opts.guidance.uncond_positions)
+            self.cache.copy_rows(row, range(row + 1, row + self.batch), slot.length)
+            self.slots.append(BranchSlot(slice(row, row + self.batch), slot.length, slot.query_pos))
 
     # -- steps ------------------------------------------------------------------------------------------
     def sample(self, state: TargetState, on_step: Callable[[StepInfo], None] | None = None,
@@ -161,27 +216,21 @@ class FlowSampler:
         b, n = x.shape[0], x.shape[1]
         t_tokens = torch.full((b, n), t, dtype=torch.float32)
         t_tokens[:, :frozen] = 0.0
-        latent = self.llm.embed_latents(x, t_tokens, self.pos_embed)
-        markers = self.marker_embeds.to(latent.dtype).unsqueeze(0).expand(b, -1, -1)
-        query = torch.cat([markers[:, :1], latent, markers[:, 1:]], dim=1)
-        cond = CacheSlot(slice(0, b), self.prefix_len)
+        query = self.block.query(self.llm, x, t_tokens)
+        cond = self.slots[0]
         if not (self.guided and self.opts.guidance.active(t)):
-            return self._forward(query, self.cond_query_pos, [cond]), None
-        uncond = CacheSlot(slice(b, 2 * b), self.uncond_len)
+            return self._forward(query, [cond]), None
+        uncond = self.slots[1]
         batched = self.opts.batched_cfg
         if batched is None:
-            batched = query.shape[0] * query.shape[1] <= BATCHED_CFG_MAX_TOKENS
+            batched = batched_cfg_fits(query.shape[0], query.shape[1])
         if not batched:
-            return self._forward(query, self.cond_query_pos, [cond]), self._forward(query, self.uncond_query_pos, [uncond])
-        pos = torch.cat([self.cond_query_pos.expand(b, -1, -1), self.uncond_query_pos.expand(b, -1, -1)])
-        v = self._forward(torch.cat([query, query]), pos, [cond, uncond])
+            return self._forward(query, [cond]), self._forward(query, [uncond])
+        v = self._forward(torch.cat([query, query]), [cond, uncond])
         return v[:b], v[b:]
 
-    def _forward(self, query, pos, slots: list[CacheSlot]) -> torch.Tensor:
-        if pos.dim() == 2:
-            pos = pos.unsqueeze(0).expand(query.shape[0], -1, -1)
-        out = self.llm(query, pos, self.query_segments, cache=self.cache, causal=False, slots=slots)
-        return self.llm.velocity(out[:, 1:-1])
+    def _forward(self, query: torch.Tensor, slots: list[BranchSlot]) -> torch.Tensor:
+        return slot_velocities(self.llm, self.cache, self.block, query, slots)
 
 
 def _kept_splits(seq: PackedSequence, prefix_len: int) -> list:
