@@ -107,7 +107,8 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
         pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
                                         attention=attention, operations=compat.manual_cast_ops(),
                                         memory=memory_mode)
-        patcher = compat.model_patcher(_PipeHolder(pipe)) if memory_mode == "resident" else None
+        from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
+        patcher = make_patcher(pipe) if memory_mode == "resident" else None
         model = LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                            memory_mode=memory_mode, pipe=pipe, patcher=patcher)
         _CACHE[key] = model

@@ -1,0 +1,166 @@
+"""Lance as a core ComfyUI MODEL: a flow `BaseModel` whose diffusion model is the library's `LanceLLM`.
+
+CONDITIONING carries device-free requests (`lance_model.velocity.BranchRequest`: the packed sequence, ViT
+embeddings, clean condition latents and which CFG branch) - never KV tensors. The prefix KV cache is built inside
+the model from the weights as patched for this run (so weight patches / LoRA reach it), once per run and branch,
+and dropped when ComfyUI starts or ends a run (`current_patcher`, set by ModelPatcher.pre_run / cleanup).
+
+The same BaseModel holds the pipeline's ViT and VAE, so its ModelPatcher is the one patcher of the loaded
+release: the all-in-one nodes load it too (two patchers over one set of weights would drop weight patches).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.supported_models_base
+
+from . import compat
+from .library import input_error, lance_model
+
+COND_KEY = "lance"            # model-cond name carrying the BranchRequest list into the diffusion model
+REQUEST_KEY = "lance_request"  # CONDITIONING dict key (set by the Lance Conditioning node)
+
+
+def library_module(name: str):
+    """A submodule of the lance_model library (imported the way this pack was imported)."""
+    return importlib.import_module(f"{lance_model().__name__}.{name}")
+
+
+class LanceConfig(comfy.supported_models_base.BASE):
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    # multiplier 1.0: the model's timestep is sigma itself (Lance's t), exact
+    sampling_settings = {"shift": 3.5, "multiplier": 1.0}
+    latent_format = comfy.latent_formats.Wan22
+    # fp16 is left out: Qwen2.5 MLP activations overflow it
+    supported_inference_dtypes = [torch.bfloat16, torch.float32]
+
+
+class CONDLance(comfy.conds.CONDConstant):
+    """One chunk's BranchRequest. Chunks of the same target grid batch together; `concat` hands the model the
+    list of requests, one per chunk, in the chunks' order."""
+
+    def can_concat(self, other) -> bool:
+        return isinstance(other, CONDLance) and other.cond.inputs.target == self.cond.inputs.target
+
+    def concat(self, others) -> list:
+        return [self.cond] + [other.cond for other in others]
+
+
+class LanceDiffusion(torch.nn.Module):
+    """The diffusion model core calls: latents [B, 48, t, h, w] + sigma -> velocity of the same shape."""
+
+    def __init__(self, llm: torch.nn.Module):
+        super().__init__()
+        self.llm = llm
+        self.velocity = library_module("velocity").PrefixVelocity(llm)
+        self.calls = 0  # forwards actually run (EasyCache skips some), for tests and diagnostics
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.dtype
+
+    def reset(self) -> None:
+        self.velocity.reset()
+
+    def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
+        # routed through DIFFUSION_MODEL wrappers (EasyCache hooks in here); transformer_options stays last
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward, self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options),
+        ).execute(x, timestep, context, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timestep, context, control, transformer_options, **kwargs):
+        requests = kwargs.get(COND_KEY)
+        if not requests:
+            raise input_error("positive/negative: the Lance MODEL needs conditioning from a 'Lance Conditioning' "
+                              "node (text-encoder conditioning such as CLIPTextEncode does not apply)")
+        roles = list(transformer_options.get("cond_or_uncond") or [0] * len(requests))
+        self.calls += 1
+        gen = library_module("generation")
+        tokens = gen.video_to_tokens(x).contiguous()  # contiguous: a strided view changes bf16 GEMM results
+        v = self.velocity(tokens, timestep.reshape(-1), requests, roles)
+        b, c, t, h, w = x.shape
+        return gen.tokens_to_video(v, gen.LatentGrid(t, h, w)).to(x.dtype)
+
+
+class LanceBaseModel(comfy.model_base.BaseModel):
+    def __init__(self, pipe: torch.nn.Module, device=None):
+        super().__init__(LanceConfig(dict(LanceConfig.unet_config)), comfy.model_base.ModelType.FLOW, device=device)
+        self.diffusion_model = LanceDiffusion(pipe.llm)
+        # the rest of the release, registered once (the LLM is reached through diffusion_model)
+        self.lance_vit = pipe.vit_model
+        self.lance_vae = pipe.vae_model
+        self.__dict__["pipe"] = pipe  # not a submodule: its LLM/ViT/VAE are already registered above
+
+    # a new sampling run (pre_run) or its end (cleanup): the prefix cache belongs to one run's weights
+    @property
+    def current_patcher(self):
+        return self.__dict__.get("_current_patcher")
+
+    @current_patcher.setter
+    def current_patcher(self, patcher) -> None:
+        self.__dict__["_current_patcher"] = patcher
+        diffusion = self.__dict__.get("_modules", {}).get("diffusion_model")
+        if diffusion is not None:
+            diffusion.reset()
+
+    def extra_conds(self, **kwargs):
+        request = kwargs.get(REQUEST_KEY)
+        if request is None:
+            raise input_error("positive/negative: the Lance MODEL needs conditioning from a 'Lance Conditioning' "
+                              "node (text-encoder conditioning such as CLIPTextEncode does not apply)")
+        for key in ("area", "mask"):
+            if kwargs.get(key) is not None:
+                raise input_error(f"conditioning {key}: Lance generates the whole target at once; area and mask "
+                                  f"conditioning cannot apply (remove the ConditioningSetArea/Mask node)")
+        return {COND_KEY: CONDLance(request)}
+
+    def process_timestep(self, timestep, **kwargs):
+        # the model's time is sigma (Lance's t); exact for the default multiplier 1.0
+        return timestep / self.model_sampling.multiplier
+
+    def scale_latent_inpaint(self, sigma, noise, latent_image, **kwargs):
+        # i2v's frozen first frame stays clean (as core's WAN22)
+        return latent_image
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        """Activation estimate of one step for `input_shape` rows plus the prefix cache already built."""
+        cfg = self.diffusion_model.llm.config
+        tokens = input_shape[0] * math.prod(input_shape[2:])
+        width = 16 * cfg.hidden_size + 4 * cfg.intermediate_size
+        dtype_bytes = comfy.model_management.dtype_size(self.get_dtype())
+        return tokens * width * dtype_bytes + self.diffusion_model.velocity.cache_bytes
+
+
+def make_patcher(pipe: torch.nn.Module):
+    """The one ModelPatcher of a loaded release: a core MODEL that the all-in-one nodes load as well."""
+    return compat.model_patcher(LanceBaseModel(pipe))
+
+
+def is_lance_patcher(patcher) -> bool:
+    return isinstance(getattr(patcher, "model", None), LanceBaseModel)
+
+
+def conditioning(branch) -> list:
+    """A CONDITIONING list for one BranchRequest. c[0] is a small placeholder tensor so that core conditioning
+    nodes that read it keep working; Lance reads only the request."""
+    return [[torch.zeros(1, 1, 1), {REQUEST_KEY: branch}]]
+
+
+def request_of(cond, what: str = "positive"):
+    """The BranchRequest of a Lance CONDITIONING (first entry)."""
+    try:
+        branch = cond[0][1][REQUEST_KEY]
+    except (TypeError, IndexError, KeyError):
+        raise input_error(f"{what}: expected CONDITIONING from a 'Lance Conditioning' node") from None
+    return branch
