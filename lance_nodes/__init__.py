@@ -6,3 +6,5 @@ NODE_IDS = (
     "LanceLoader", "LanceT2I", "LanceT2V", "LanceEdit", "LanceVideoEdit", "LanceUnderstand", "LancePromptEnhance",
     "LanceDecode", "LanceContextView",
 )
+# the opt-in native nodes (Lance as a core MODEL, lance_nodes/native_nodes.py)
+NATIVE_NODE_IDS = ("LanceModel", "LanceConditioning", "LanceScheduler", "LanceNoise", "LanceGuidance")

@@ -90,3 +90,221 @@ def test_native_parity_with_library_sampler(golden, native_runs, name):
     ours, library = native_runs[name]
     key = "out/latent.1" if "out/latent.1" in golden.tensors(name) else "out/latent.0"
     assert_close(ours, library, golden.tolerance(key), f"native vs library {name}")
+
+
+# ---------------------------------------------------------------- step-0 velocities, split batching, KSampler
+class Recorder:
+    """A DIFFUSION_MODEL wrapper that keeps every call's output and cond_or_uncond."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        self.calls.append((list(args[-1].get("cond_or_uncond", [])), out.detach().clone()))
+        return out
+
+
+def with_recorder(model):
+    import comfy.patcher_extension
+    recorder = Recorder()
+    model = model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_recorder", recorder)
+    return model, recorder
+
+
+@pytest.mark.parametrize("name", GEN_TASKS)
+def test_native_parity_step0_velocities_bit_equal(native, tiny_model, golden, name):
+    """Core batches [uncond, cond] in one call; the model runs them cond first with the library's cache layout,
+    so step 0's velocities are the library's bit for bit."""
+    from lance_model.generation import video_to_tokens
+    if name not in golden.manifest["fixtures"]:
+        pytest.fail(f"fixture {name} missing from the golden set")
+    pipe, hp = tiny_model.pipe, golden.hyper(name)
+    settings = settings_for(golden, name, decode=False)
+    inputs = prepare(pipe, golden, name, settings)
+    captured = {}
+
+    def observer(info):
+        if info.step == 0:
+            captured.update(cond=info.v_cond.clone(), uncond=info.v_uncond.clone())
+    pipe.generate(name, "x", inputs, settings, observer=observer)
+    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    model, recorder = with_recorder(core_model(native, tiny_model, hp))
+    sample_custom_advanced(native, model, positive, negative, latent, hp)
+    roles, out = recorder.calls[0]
+    assert sorted(roles) == [0, 1], f"step 0 should batch both branches, got {roles}"
+    v = dict(zip(roles, video_to_tokens(out).chunk(2)))
+    assert torch.equal(v[0], captured["cond"]), f"{name}: step-0 cond velocity differs from the library"
+    assert torch.equal(v[1], captured["uncond"]), f"{name}: step-0 uncond velocity differs from the library"
+
+
+def test_native_parity_split_branches(native, tiny_model, golden, monkeypatch):
+    """When core sends cond and uncond as two calls (low memory), the result is the library's sequential CFG."""
+    name = fixture_names(golden)[0]
+    model_base = tiny_model.patcher.model
+    monkeypatch.setattr(model_base, "memory_required", lambda *a, **k: float("inf"))
+    ours, inputs, settings = run_native(native, tiny_model, golden, name)
+    settings.batched_cfg = False
+    library = tiny_model.pipe.generate(name, "x", inputs, settings).latents
+    assert_close(ours, library, golden.tolerance("out/latent.0"), f"native split vs library sequential {name}")
+
+
+def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
+    """Core KSampler with euler + lance_flow: the same result as the library given KSampler's noise."""
+    import comfy.sample
+    import nodes as core_nodes
+    from lance_model.generation import video_to_tokens
+    name = golden.tasks("t2i", *GEN_TASKS)[0]
+    pipe, hp = tiny_model.pipe, golden.hyper(name)
+    settings = settings_for(golden, name, decode=False)
+    inputs = prepare(pipe, golden, name, settings)
+    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    model = core_model(native, tiny_model, hp)
+    seed = hp["validation_noise_seed"]
+    assert "lance_flow" in core_nodes.KSampler.INPUT_TYPES()["required"]["scheduler"][0]
+    (out,) = core_nodes.KSampler().sample(model, seed, hp["steps"], hp["cfg_text_scale"], "euler", "lance_flow",
+                                          positive, negative, latent)
+    import comfy.latent_formats
+    ours = comfy.latent_formats.Wan22().process_in(out["samples"])
+    noise = video_to_tokens(comfy.sample.prepare_noise(latent["samples"], seed))
+    library = pipe.generate(name, "x", inputs, settings, noise=noise).latents
+    assert_close(ours, library, golden.tolerance("out/latent.0"), f"native KSampler vs library {name}")
+
+
+def test_lance_flow_scheduler_is_exact(native, tiny_model, golden):
+    import comfy.samplers
+    from lance_model.sampler import flow_timesteps
+    model = native.LanceModelNode.execute(tiny_model).args[0]
+    for steps in (3, 28, 30):
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "lance_flow", steps)
+        assert torch.equal(sigmas, flow_timesteps(steps, 3.5))
+
+
+# ---------------------------------------------------------------- core features on the native MODEL
+T2I_STEPS = 30
+
+
+def t2i_run(native, tiny_model, golden, model=None, steps=T2I_STEPS):
+    pipe = tiny_model.pipe
+    name = golden.tasks("t2i", *GEN_TASKS)[0]
+    hp = golden.hyper(name)
+    settings = settings_for(golden, name, decode=False)
+    settings.steps = steps
+    inputs = prepare(pipe, golden, name, settings)
+    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    model = model or core_model(native, tiny_model, hp)
+    return sample_custom_advanced(native, model, positive, negative, latent, hp, steps=steps), inputs, settings
+
+
+def test_native_easycache_skips_model_calls(native, tiny_model, golden):
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    diffusion = tiny_model.patcher.model.diffusion_model
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    before = diffusion.calls
+    plain, _, _ = t2i_run(native, tiny_model, golden)
+    plain_calls = diffusion.calls - before
+    cached_model = EasyCacheNode.execute(core_model(native, tiny_model, hp), 0.2, 0.15, 0.95, False).args[0]
+    before = diffusion.calls
+    cached, _, _ = t2i_run(native, tiny_model, golden, model=cached_model)
+    cached_calls = diffusion.calls - before
+    print(f"[native] EasyCache: {cached_calls} model calls instead of {plain_calls} ({T2I_STEPS} steps), "
+          f"max change {(cached - plain).abs().max():.3e}")
+    assert plain_calls == T2I_STEPS
+    assert 0 < cached_calls < plain_calls
+    assert torch.isfinite(cached).all()
+
+
+@pytest.mark.parametrize("expert", ["und", "gen"])
+def test_native_weight_patch_reaches_prefix_and_steps(native, tiny_model, golden, expert):
+    """A ModelPatcher weight patch (the LoRA mechanism) on the understanding expert (text prefix) or the
+    generation expert (latent steps) changes the result exactly as editing that weight in the library does."""
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    layer = "mlp" if expert == "und" else "mlp_moe_gen"
+    key = f"diffusion_model.llm.language_model.model.layers.0.{layer}.down_proj.weight"
+    base = tiny_model.patcher
+    weight = base.model.state_dict()[key]
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    plain, inputs, settings = t2i_run(native, tiny_model, golden, steps=3)
+    patched_model = base.clone()
+    assert patched_model.add_patches({key: (delta,)}, 1.0) == [key]
+    patched, _, _ = t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_model, hp), steps=3)
+    tiny_model.acquire()  # the all-in-one path loads the unpatched patcher again
+    original = weight.clone()
+    with torch.no_grad():
+        weight.add_(delta)
+    try:
+        library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    change = (patched - plain).abs().max().item()
+    print(f"[native] weight patch on the {expert} expert: output change {change:.3e}")
+    assert change > 1e-3
+    assert_close(patched, library, golden.tolerance("out/latent.0"), f"patched native vs edited library ({expert})")
+    again, _, _ = t2i_run(native, tiny_model, golden, steps=3)
+    assert_close(again, plain, 0.0, "unpatched run after the patched one")
+
+
+def core_model_from(native, patcher, hp):
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+    (model,) = ModelSamplingAuraFlow().patch_aura(patcher, hp["timestep_shift"])
+    lo, hi = hp["cfg_interval"]
+    return native.LanceGuidance.execute(model, lo, hi, hp["cfg_renorm_type"], hp["cfg_renorm_min"]).args[0]
+
+
+def test_native_progress_and_interrupt(native, tiny_model, golden):
+    """Core's sampler callback drives the progress bar (ComfyUI's interrupt check runs in its hook): an interrupt
+    at step 2 stops sampling and the next run still works."""
+    import comfy.model_management
+    import comfy.utils
+    seen = []
+
+    def hook(value, total, preview, *args, **kwargs):
+        seen.append((value, total))
+        if value == 2:
+            raise comfy.model_management.InterruptProcessingException()
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            t2i_run(native, tiny_model, golden, steps=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert seen[:2] == [(1, 5), (2, 5)]
+    out, _, _ = t2i_run(native, tiny_model, golden, steps=2)
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- bad input
+def test_native_rejects_foreign_conditioning(native, tiny_model, golden):
+    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
+    from lance_nodes.library import InputError
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    pipe = tiny_model.pipe
+    inputs = pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
+    positive, _, latent = native.build_conditioning(pipe, inputs)
+    foreign = [[torch.zeros(1, 4, 8), {"pooled_output": None}]]
+    model = core_model(native, tiny_model, hp)
+    (guider,) = CFGGuider().get_guider(model, positive, foreign, 4.0)
+    (sampler,) = KSamplerSelect().get_sampler("euler")
+    noise = native.LanceNoiseNode.execute(1, positive).args[0]
+    with pytest.raises(InputError, match="Lance Conditioning"):
+        SamplerCustomAdvanced().sample(noise, guider, sampler, native.LanceScheduler.execute(model, 2).args[0], latent)
+
+
+def test_native_noise_rejects_a_foreign_latent(native, tiny_model, golden):
+    from lance_nodes.library import InputError
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    inputs = tiny_model.pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
+    positive, _, _ = native.build_conditioning(tiny_model.pipe, inputs)
+    noise = native.LanceNoiseNode.execute(1, positive).args[0]
+    with pytest.raises(InputError, match="latent_image"):
+        noise.generate_noise({"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_native_nodes_registered_with_the_extension(comfy):
+    import asyncio
+    from lance_nodes import NATIVE_NODE_IDS, entry
+    ids = [n.define_schema().node_id for n in asyncio.run(entry.LanceExtension().get_node_list())]
+    assert ids[-len(NATIVE_NODE_IDS):] == list(NATIVE_NODE_IDS)

@@ -39,8 +39,8 @@ def test_root_init_inside_comfyui(comfy):
     extension = asyncio.run(pack.comfy_entrypoint())
     asyncio.run(extension.on_load())
     node_list = asyncio.run(extension.get_node_list())
-    from lance_nodes import NODE_IDS
-    assert [n.define_schema().node_id for n in node_list] == list(NODE_IDS)
+    from lance_nodes import NATIVE_NODE_IDS, NODE_IDS
+    assert [n.define_schema().node_id for n in node_list] == list(NODE_IDS) + list(NATIVE_NODE_IDS)
     assert "lance" in comfy.folder_names_and_paths
     # inside the package the library is the pack's own copy
     assert sys.modules["lance_pack_inside.lance_nodes.library"]._NAME == "lance_pack_inside.lance_model"
