@@ -44,6 +44,24 @@ class ReleasePaths:
     def variant(self) -> str:
         return "video" if self.lance_dir.name.endswith("_Video") else "image"
 
+    def files(self) -> list[Path]:
+        """Every file a load reads: configs, weights and the tokenizer files present."""
+        tokenizer = [self.lance_dir / name for name in TOKENIZER_FILES + ("merges.txt", "tokenizer_config.json")
+                     if (self.lance_dir / name).is_file()]
+        return [self.llm_config, self.llm_weights, self.vit_config, self.vit_weights, self.vae_weights] + tokenizer
+
+    def snapshot(self) -> dict[str, tuple[int, int, int] | None]:
+        """path -> (size, mtime_ns, inode) of each file (None when it is gone): compare two snapshots to see
+        which files were replaced, rewritten or truncated since a load."""
+        state = {}
+        for path in self.files():
+            try:
+                stat = path.stat()
+                state[str(path)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            except OSError:
+                state[str(path)] = None
+        return state
+
 
 def _expected_layout(root: Path) -> str:
     return (
@@ -116,6 +134,14 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def check_state_keys(source: Path, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
                      ignore: Callable[[str], bool] = lambda key: False) -> None:
     """Raise one clear error listing missing keys, unexpected keys and shape mismatches."""
+    problems = state_key_problems(expected, found, ignore)
+    if problems:
+        raise CheckpointError(f"{source} does not match the model built from its config: " + "; ".join(problems[:12]))
+
+
+def state_key_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                       ignore: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """Missing keys, unexpected keys (unless ignored) and shape mismatches, as readable phrases."""
     problems = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(k for k in set(found) - set(expected) if not ignore(k))
@@ -126,8 +152,7 @@ def check_state_keys(source: Path, expected: Mapping[str, tuple[int, ...]], foun
     for key in sorted(set(expected) & set(found)):
         if tuple(expected[key]) != tuple(found[key]):
             problems.append(f"key {key}: expected shape {tuple(expected[key])}, found {tuple(found[key])}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model built from its config: " + "; ".join(problems[:12]))
+    return problems
 
 
 def _preview(keys: list[str], limit: int = 6) -> str:
@@ -142,11 +167,21 @@ def stream_safetensors(path: Path, names: Iterable[tuple[str, str]], dtype: torc
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for file_key, module_key in names:
                 tensor = handle.get_tensor(file_key)
-                yield module_key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                yield module_key, private_copy(tensor, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors from {path} (truncated or corrupt?): {exc}") from exc
+
+
+def private_copy(source: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+    """`converted` (source cast/moved) as memory of its own. safetensors and torch.load(mmap=True) return tensors
+    backed by a mapping of the file, and a cast to the same dtype/device returns that very storage: a file
+    overwritten or truncated later would then kill the process with SIGBUS on the next access. Copying one
+    tensor at a time keeps the peak near one copy of the weights."""
+    if converted.device.type == "cpu" and converted.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return converted.clone()
+    return converted
 
 
 def materialize(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -15,3 +15,8 @@ class InputError(LanceError, ValueError):
 
 class Cancelled(LanceError):
     """The host asked to stop (e.g. ComfyUI interrupt). The model stays usable."""
+
+
+class OutOfMemory(LanceError, MemoryError):
+    """A request needs more memory than the device has (estimated up front, or a real out-of-memory error).
+    What the call allocated is freed first; the model stays usable."""

@@ -10,6 +10,7 @@ from PIL import Image
 
 from .errors import InputError
 from .media import frames_from_tensor, load_image, load_video, sample_frame_indices
+from .validation import is_int, require_float
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".npz"}
@@ -21,6 +22,8 @@ def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
     rule (about 12 fps over at most 6 s, a 4k+1 count)."""
     if media is None:
         raise InputError(f"{what} is missing")
+    if fps is not None:
+        fps = require_float(fps, "fps", above=0.0, maximum=1000.0)
     if isinstance(media, (str, Path)):
         path = Path(media).expanduser()
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -30,7 +33,7 @@ def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
     if isinstance(media, Image.Image):
         return np.asarray(load_image(media))[None]
     if isinstance(media, torch.Tensor):
-        frames = frames_from_tensor(media)
+        frames = frames_from_tensor(media, what)
     elif isinstance(media, np.ndarray):
         frames = media if media.ndim == 4 else media[None]
         if frames.dtype != np.uint8 or frames.shape[-1] != 3:
@@ -68,7 +71,7 @@ def optional_text(text, what: str) -> str:
 
 def round_size(value: int, multiple: int, what: str, maximum: int) -> int:
     """Sizes are floored to a multiple of the VAE factor (the reference floors too); the change is logged."""
-    if not isinstance(value, (int, np.integer)) or value < multiple:
+    if not is_int(value) or value < multiple:
         raise InputError(f"{what} must be an integer >= {multiple}, got {value!r}")
     if value > maximum:
         raise InputError(f"{what} {value} exceeds the model's maximum of {maximum} pixels")
@@ -80,7 +83,7 @@ def round_size(value: int, multiple: int, what: str, maximum: int) -> int:
 
 def latent_frames(num_frames: int, temporal_factor: int, max_frames: int) -> int:
     """Requested video frames -> latent frames ((F-1)//4 + 1); the decoded clip has 4(t-1)+1 frames."""
-    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+    if not is_int(num_frames) or num_frames < 1:
         raise InputError(f"num_frames must be an integer >= 1, got {num_frames!r}")
     if num_frames > max_frames:
         raise InputError(f"num_frames {num_frames} exceeds the model's maximum of {max_frames}")

@@ -184,27 +184,30 @@ def sample_frame_indices(n_frames: int, fps: float, max_seconds: float = MAX_SEC
     clip (long clips are subsampled, not truncated)."""
     if n_frames <= 0:
         raise InputError(f"video has no frames (n_frames={n_frames})")
-    if fps <= 0:
-        raise InputError(f"video fps must be positive, got {fps}")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise InputError(f"video fps must be a positive finite number, got {fps}")
     wanted = int(round(min(n_frames / fps, max_seconds) * sample_fps))
     count = (wanted - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1  # largest 4k+1 <= wanted
     count = max(count, 1)  # the reference would fail on clips shorter than ~1/12 s; keep one frame instead
     return np.linspace(0, n_frames - 1, count).astype(np.int64).tolist()
 
 
-def frames_from_tensor(images: torch.Tensor) -> np.ndarray:
-    """ComfyUI IMAGE (float [T, H, W, 3] or [H, W, 3] in 0..1) -> uint8 [T, H, W, 3], rounded half up like PIL."""
+def frames_from_tensor(images: torch.Tensor, what: str = "image") -> np.ndarray:
+    """ComfyUI IMAGE (float [T, H, W, 3] or [H, W, 3] in 0..1) -> uint8 [T, H, W, 3], rounded half up like PIL.
+    `what` names the input in errors (start_image, video...)."""
     if not isinstance(images, torch.Tensor):
-        raise InputError(f"image input must be a tensor [T, H, W, 3], got {type(images).__name__}")
+        raise InputError(f"{what} must be a tensor [T, H, W, 3], got {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[-1] != 3:
-        raise InputError(f"image input must be [T, H, W, 3] (RGB), got shape {tuple(images.shape)}")
+        raise InputError(f"{what} must be [T, H, W, 3] (RGB), got shape {tuple(images.shape)}")
     if images.numel() == 0:
-        raise InputError(f"image input is empty (shape {tuple(images.shape)})")
+        raise InputError(f"{what} is empty (shape {tuple(images.shape)})")
+    if images.is_complex() or images.dtype == torch.bool:
+        raise InputError(f"{what} must be a real-valued tensor in 0..1, got dtype {images.dtype}")
     values = images.detach().to("cpu", torch.float64)
     if not torch.isfinite(values).all():
-        raise InputError("image input contains NaN or infinite values")
+        raise InputError(f"{what} contains NaN or infinite values; expected finite values in 0..1")
     return torch.floor(values.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
 
 

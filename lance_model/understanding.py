@@ -12,6 +12,7 @@ from .errors import Cancelled, InputError
 from .llm import LanceLLM, prefill_splits
 from .packing import PackedSequence, pack
 from .templates import Text, vit_visual
+from .validation import require_float, require_int, require_seed
 from .tokenizer import LanceTokenizer
 
 
@@ -26,14 +27,12 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        require_float(self.temperature, "temperature", minimum=0.0, maximum=100.0)
+        require_float(self.top_p, "top_p", above=0.0, maximum=1.0)
+        require_int(self.top_k, "top_k", minimum=0)
+        require_float(self.repetition_penalty, "repetition_penalty", above=0.0, maximum=100.0)
+        if self.seed is not None:
+            require_seed(self.seed, "sampling seed")
 
 
 @dataclass

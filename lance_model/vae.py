@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize
+from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize, private_copy
 from .errors import CheckpointError, InputError
 from .module_handle import ModuleHandle
 
@@ -121,9 +121,17 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32,
     expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}
     check_state_keys(path, expected, {key: tuple(t.shape) for key, t in state.items()})
     device = torch.device(device)
-    materialize(module, ((key, tensor.to(device=device, dtype=dtype)) for key, tensor in state.items()))
+    # one tensor at a time, each a private copy (the mmapped file may be overwritten later), the mapping dropped
+    materialize(module, ((key, private_copy(tensor, tensor.to(device=device, dtype=dtype)))
+                         for key, tensor in _drain(state)))
     assert_no_meta(module, str(path))
     return LanceVAE(module.eval().requires_grad_(False))
+
+
+def _drain(state: dict[str, torch.Tensor]):
+    """Yield and forget the entries, so each mapped source tensor is released once it has been copied."""
+    while state:
+        yield state.popitem()
 
 
 class LanceVAE(ModuleHandle):

@@ -4,6 +4,7 @@ Its merged 2x2 outputs (`out_hidden_size` wide) go straight into the LLM as inpu
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from .checkpoint import assert_no_meta, check_state_keys, materialize, read_json, safetensors_keys, stream_safetensors
+from .config import ConfigFields
 from .errors import CheckpointError, InputError
+from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 from .module_handle import ModuleHandle
 
 VIT_CONFIG_FILE = "config.json"
@@ -22,12 +25,38 @@ VIT_WEIGHTS_FILE = "vit.safetensors"
 LANCE_VIT_PREFIX = "vit_model."  # the ViT copy inside Lance_3B(_Video)/model.safetensors
 # Keys of the release config.json that are not vision-config fields (or must not be taken from the file).
 _IGNORED_CONFIG_KEYS = ("model_type", "torch_dtype", "dtype", "architectures", "transformers_version")
+# Plausible ranges of the fields the tower's shape depends on (checked when the file has them).
+_INT_FIELDS = {
+    "depth": (1, 256), "hidden_size": (1, 16384), "intermediate_size": (1, 65536), "num_heads": (1, 256),
+    "out_hidden_size": (1, 65536), "patch_size": (1, 64), "spatial_merge_size": (1, 16),
+    "spatial_patch_size": (1, 64), "temporal_patch_size": (1, 16), "in_chans": (1, 16), "in_channels": (1, 16),
+    "window_size": (1, 1 << 16),
+}
+SIZE_FIELDS = "depth, hidden_size, intermediate_size, num_heads, out_hidden_size, patch_size, temporal_patch_size"
+
+
+def _check_vit_fields(raw, path: Path) -> None:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    fields = ConfigFields(raw, str(path))
+    values = {key: fields.int(key, *bounds) for key, bounds in _INT_FIELDS.items() if key in raw}
+    if "tokens_per_second" in raw:
+        fields.float("tokens_per_second", 0.0, 1000.0)
+    if "hidden_size" in values and "num_heads" in values and values["hidden_size"] % values["num_heads"]:
+        raise CheckpointError(f"{path}: hidden_size {values['hidden_size']} is not divisible by num_heads {values['num_heads']}")
+    blocks = raw.get("fullatt_block_indexes", [])
+    depth = values.get("depth")
+    if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 and
+                                               (depth is None or b < depth) for b in blocks):
+        raise CheckpointError(f"{path}: field 'fullatt_block_indexes' is {blocks!r}; expected a list of block "
+                              f"indices below depth {depth}")
 
 
 def load_vit_config(path: str | Path) -> Qwen2_5_VLVisionConfig:
     """Vision config from the release's config.json, with attention forced to SDPA (the file may ask for
     flash_attention_2, which is optional and not needed for parity)."""
     raw = read_json(Path(path))
+    _check_vit_fields(raw, Path(path))
     fields = {key: value for key, value in raw.items() if key not in _IGNORED_CONFIG_KEYS and not key.startswith("_")}
     try:
         config = Qwen2_5_VLVisionConfig(**fields)
@@ -120,6 +149,22 @@ def _resolve_sources(vit_source: str | Path | tuple[str | Path, str | Path]) -> 
     return config_path, weights_path
 
 
+def _check_vit_size(config: Qwen2_5_VLVisionConfig, config_path: Path, weights_path: Path,
+                    found: dict[str, tuple[int, ...]]) -> None:
+    """depth and element count against the weight header, from a one-block build on the meta device."""
+    check_layers(config_path, "depth", config.depth, weights_path, layer_count(found, "blocks."))
+    one_block = copy.deepcopy(config)
+    one_block.depth, one_block.fullatt_block_indexes = 1, []
+    with torch.device("meta"):
+        tower = Qwen2_5_VisionTransformerPretrainedModel(one_block)
+    block = numel(tower.blocks[0])
+    expected = numel(tower) - block + config.depth * block
+    in_file = file_elements(found, lambda key: True)
+    if expected != in_file:
+        shapes = {key: tuple(t.shape) for key, t in tower.state_dict().items()}
+        check_elements(config_path, SIZE_FIELDS, expected, weights_path, in_file, shapes, found)
+
+
 def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu", *, lance_weights: str | Path | None = None) -> LanceViT:
     """Build the vision tower from `Qwen2.5-VL-ViT/config.json` and stream its weights into dtype/device.
@@ -137,10 +182,11 @@ def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torc
         if not weights_path.is_file():
             raise CheckpointError(f"Lance weights not found: {weights_path}")
     config = load_vit_config(config_path)
+    found = {key[len(prefix):]: shape for key, shape in safetensors_keys(weights_path).items() if key.startswith(prefix)}
+    _check_vit_size(config, config_path, weights_path, found)
     with torch.device("meta"):
         module = Qwen2_5_VisionTransformerPretrainedModel(config)
     expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}
-    found = {key[len(prefix):]: shape for key, shape in safetensors_keys(weights_path).items() if key.startswith(prefix)}
     check_state_keys(weights_path, expected, found)
     device = torch.device(device)
     materialize(module, stream_safetensors(weights_path, [(prefix + key, key) for key in expected], dtype, device))

@@ -1,0 +1,109 @@
+"""Up-front memory estimates of a request, checked against what the device has before any work starts.
+
+The estimates are deliberately LOW (lower bounds of the big buffers, not peaks): a request is refused only when it
+cannot possibly fit, never because the estimate was pessimistic. What is counted:
+  * LLM stage: the KV cache (exact: it is preallocated) + one forward's activations of the longest block
+    (hidden states, q/k/v, fp32 rotary, one MLP chunk; attention scores are not counted, fused kernels avoid them),
+  * VAE stage: the decoder/encoder working set of one frame (scaled from the Wan2.2 VAE measured in vae.py:
+    ~12.6 KB per output pixel in bf16 for the decoder at width 256; half of that is used here) + the output,
+  * in offload mode, the stage's weights, which visit the device only while the stage runs.
+Stages run one after another, so a request needs the largest stage, not their sum.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import LLMConfig
+from .errors import OutOfMemory
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+MEMINFO = Path("/proc/meminfo")
+DECODER_BYTES_PER_PIXEL_PER_WIDTH = 12   # x decoder_base_dim x dtype bytes, per output pixel of one frame
+ENCODER_BYTES_PER_PIXEL_PER_WIDTH = 6    # x base_dim x dtype bytes, per input pixel of one frame
+TILE_SIDE = 256                          # enable_tiling's default tile (vae.py)
+HINT = ("load the model with memory='offload' (weights stay in CPU memory between stages), turn on vae_tiling, "
+        "or ask for a smaller width/height, fewer frames, a smaller batch_size or fewer max_new_tokens")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: CUDA free memory plus what PyTorch's allocator holds unused; on CPU
+    MemAvailable from /proc/meminfo. None where unknown (then nothing is refused)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            for line in MEMINFO.read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+@dataclass
+class Estimate:
+    """Bytes per stage; each stage is a dict part -> bytes."""
+
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, stage: str, part: str, nbytes: int) -> "Estimate":
+        self.stages.setdefault(stage, {})[part] = self.stages.get(stage, {}).get(part, 0) + int(nbytes)
+        return self
+
+    def peak(self) -> tuple[str, int]:
+        if not self.stages:
+            return "", 0
+        stage = max(self.stages, key=lambda s: sum(self.stages[s].values()))
+        return stage, sum(self.stages[stage].values())
+
+    def check(self, device: torch.device, available: int | None = None) -> None:
+        """Raise OutOfMemory when the largest stage cannot fit into the device's available memory."""
+        available = available_bytes(device) if available is None else available
+        stage, need = self.peak()
+        if available is None or need <= available:
+            return
+        parts = ", ".join(f"{name} {nbytes / GIB:.2f} GiB" for name, nbytes in self.stages[stage].items())
+        raise OutOfMemory(f"not enough memory on {device} for this request: its {stage} stage needs at least "
+                          f"{need / GIB:.2f} GiB ({parts}) but only {available / GIB:.2f} GiB are available; {HINT}")
+
+
+def kv_cache_bytes(cfg: LLMConfig, rows: int, capacity: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * rows * cfg.num_kv_heads * capacity * cfg.head_dim * _size(dtype)
+
+
+def forward_activation_bytes(cfg: LLMConfig, tokens: int, dtype: torch.dtype, mlp_chunk: int = 8192) -> int:
+    """One decoder-layer forward over `tokens` query tokens (all batch rows together)."""
+    width = _size(dtype)
+    hidden = 6 * tokens * cfg.hidden_size * width                        # input, residual, norm, attn out, o_proj, sum
+    qkv = tokens * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * (width + 4)  # q/k/v + fp32 rotary copies
+    rope = 2 * tokens * cfg.head_dim * 4
+    mlp = 3 * min(tokens, mlp_chunk) * cfg.intermediate_size * width
+    return hidden + qkv + rope + mlp
+
+
+def vae_decode_bytes(decoder_width: int, frames: int, height: int, width: int, batch: int, dtype: torch.dtype,
+                     tiled: bool) -> int:
+    """Decoding [batch] clips of `frames` frames at height x width pixels."""
+    area = min(height, TILE_SIDE) * min(width, TILE_SIDE) if tiled else height * width
+    working = DECODER_BYTES_PER_PIXEL_PER_WIDTH * decoder_width * _size(dtype) * area * batch
+    output = 2 * 3 * frames * height * width * 4 * batch                  # fp32 pixels + the clamped/permuted copy
+    return working + output
+
+
+def vae_encode_bytes(encoder_width: int, frames: int, height: int, width: int, dtype: torch.dtype, tiled: bool) -> int:
+    area = min(height, TILE_SIDE) * min(width, TILE_SIDE) if tiled else height * width
+    return ENCODER_BYTES_PER_PIXEL_PER_WIDTH * encoder_width * _size(dtype) * area + 3 * frames * height * width * 4
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
