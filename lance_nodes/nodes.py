@@ -25,30 +25,43 @@ MAX_FRAMES = 121        # 31 latent frames (LanceConstants.max_num_frames)
 
 # ---------------------------------------------------------------- shared input groups (order = contract)
 def _model_input():
-    return LanceModelType.Input("model", tooltip="The model from a Lance Loader node.")
+    return LanceModelType.Input("model", display_name="Model", tooltip="The model from a Lance Loader node.")
 
 
 def _context_input():
     return LanceContextType.Input(
-        "context", optional=True,
+        "context", display_name="Context", optional=True,
         tooltip="Conversation so far (from another Lance node): multi-turn edits, understand -> edit chains. "
                 "Leave unconnected to start a new conversation.")
 
 
 def _sampling_inputs(steps: int = 30):
     return [
-        io.Int.Input("steps", default=steps, min=1, max=200, step=1, tooltip="Denoising steps."),
-        io.Float.Input("shift", default=3.5, min=0.1, max=20.0, step=0.05, tooltip="Timestep shift of the flow schedule."),
-        io.Float.Input("cfg_scale", default=4.0, min=1.0, max=20.0, step=0.1,
-                       tooltip="Text classifier-free guidance scale (1.0 = no guidance)."),
-        io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
-                       tooltip="Guidance is applied for timesteps in [start, end]."),
-        io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
-        io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global",
-                       tooltip="How the guided velocity is renormalised."),
-        io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
-        io.Int.Input("seed", default=42, min=0, max=SEED_MAX, step=1, control_after_generate=True),
-        io.Int.Input("batch_size", default=1, min=1, max=16, step=1),
+        io.Int.Input("steps", display_name="Steps", default=steps, min=1, max=200, step=1,
+                     tooltip="Denoising steps: more take longer and usually refine detail."),
+        io.Float.Input("shift", display_name="Schedule shift", default=3.5, min=0.1, max=20.0, step=0.05,
+                       tooltip="Timestep shift of the flow schedule: higher values spend more steps near noise "
+                               "(overall layout), lower values near the end (fine detail)."),
+        io.Float.Input("cfg_scale", display_name="CFG scale", default=4.0, min=1.0, max=20.0, step=0.1,
+                       tooltip="Text classifier-free guidance scale: how strongly the result follows the prompt "
+                               "(1.0 = no guidance, one model pass per step instead of two)."),
+        io.Float.Input("cfg_interval_start", display_name="CFG interval start", default=0.4, min=0.0, max=1.0,
+                       step=0.01,
+                       tooltip="Guidance is applied while the timestep t is in (start, end]; t runs from 1 (pure "
+                               "noise) to 0 (the finished sample)."),
+        io.Float.Input("cfg_interval_end", display_name="CFG interval end", default=1.0, min=0.0, max=1.0,
+                       step=0.01, tooltip="Upper end of the guidance interval (see CFG interval start)."),
+        io.Combo.Input("cfg_renorm", display_name="CFG renorm", options=CFG_RENORM, default="global",
+                       tooltip="Scales the guided velocity down so its norm does not exceed the unguided one: over "
+                               "the whole sample (global), per token (channel), or not at all (none)."),
+        io.Float.Input("cfg_renorm_min", display_name="CFG renorm min", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Lowest factor the renormalisation may scale the guided velocity by (0 = no limit)."),
+        io.Int.Input("seed", display_name="Seed", default=42, min=0, max=SEED_MAX, step=1,
+                     control_after_generate=True,
+                     tooltip="Noise seed: the same seed and settings give the same result. Sample i of a batch "
+                             "uses seed + i."),
+        io.Int.Input("batch_size", display_name="Batch size", default=1, min=1, max=16, step=1,
+                     tooltip="How many samples to generate in one run."),
     ]
 
 
@@ -79,7 +92,7 @@ def _video_outputs():
 
 def _source_fps_input():
     return io.Float.Input(
-        "source_fps", default=0.0, min=0.0, max=240.0, step=0.001, optional=True,
+        "source_fps", display_name="Source frame rate", default=0.0, min=0.0, max=240.0, step=0.001, optional=True,
         tooltip="Frame rate of the input video (e.g. from Get Video Components). When set, frames are sampled as "
                 "Lance was trained: about 12 fps over at most 6 s. 0 = use the frames as given.")
 
@@ -106,17 +119,19 @@ class LanceLoader(io.ComfyNode):
             description="Loads a Lance release folder from models/lance/. The model is loaded once and shared by "
                         "every Lance node and queue run; ComfyUI manages its memory.",
             inputs=[
-                io.Combo.Input("model_name", options=compat.list_model_entries(),
+                io.Combo.Input("model_name", display_name="Model folder", options=compat.list_model_entries(),
                                tooltip="A release folder in models/lance/ (Lance_3B or Lance_3B_Video, "
                                        "Qwen2.5-VL-ViT, Wan2.2_VAE.pth)."),
-                io.Combo.Input("variant", options=["auto", "image", "video"], default="auto",
+                io.Combo.Input("variant", display_name="Variant", options=["auto", "image", "video"], default="auto",
                                tooltip="Which Lance weights of the folder: image (Lance_3B) or video "
                                        "(Lance_3B_Video); auto prefers image."),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], default="auto",
-                               tooltip="auto: bf16 on GPUs that support it, fp32 otherwise."),
-                io.Combo.Input("attention", options=["auto", "sdpa", "flash"], default="auto",
+                io.Combo.Input("dtype", display_name="Precision", options=["auto", "bf16", "fp32"], default="auto",
+                               tooltip="Weight and compute precision. auto: bf16 on GPUs that support it, fp32 "
+                                       "otherwise."),
+                io.Combo.Input("attention", display_name="Attention", options=["auto", "sdpa", "flash"], default="auto",
                                tooltip="Attention backend; flash needs the flash-attn package."),
-                io.Combo.Input("memory_mode", options=list(runtime.MEMORY_MODES), default="resident",
+                io.Combo.Input("memory_mode", display_name="Memory mode", options=list(runtime.MEMORY_MODES),
+                               default="resident",
                                tooltip="resident: keep the weights on the GPU between runs. offload: move them "
                                        "back to RAM after each node (for small GPUs)."),
             ],
@@ -138,9 +153,13 @@ class LanceT2I(io.ComfyNode):
             description="Generates images from a text prompt.",
             inputs=[
                 _model_input(),
-                io.String.Input("prompt", multiline=True, default="A red fox in a snowy forest at dawn, photorealistic."),
-                io.Int.Input("width", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP),
-                io.Int.Input("height", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP),
+                io.String.Input("prompt", display_name="Prompt", multiline=True,
+                                default="A red fox in a snowy forest at dawn, photorealistic.",
+                                tooltip="What the image should show."),
+                io.Int.Input("width", display_name="Width", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP,
+                             tooltip=f"Image width in pixels (a multiple of {SIZE_STEP})."),
+                io.Int.Input("height", display_name="Height", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP,
+                             tooltip=f"Image height in pixels (a multiple of {SIZE_STEP})."),
                 *_sampling_inputs(30),
                 _context_input(),
             ],
@@ -166,15 +185,22 @@ class LanceT2V(io.ComfyNode):
                         "image (image to video).",
             inputs=[
                 _model_input(),
-                io.String.Input("prompt", multiline=True, default="A small boat sails across a calm lake at sunset."),
-                io.Int.Input("width", default=848, min=64, max=MAX_SIZE, step=SIZE_STEP),
-                io.Int.Input("height", default=480, min=64, max=MAX_SIZE, step=SIZE_STEP),
-                io.Int.Input("num_frames", default=61, min=1, max=MAX_FRAMES, step=4, tooltip="4k+1 frames (1, 5, ..., 61, ...)."),
-                io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
-                               tooltip="Resolution preset used to prepare the start image."),
-                io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
+                io.String.Input("prompt", display_name="Prompt", multiline=True,
+                                default="A small boat sails across a calm lake at sunset.",
+                                tooltip="What the video should show (and how the camera moves)."),
+                io.Int.Input("width", display_name="Width", default=848, min=64, max=MAX_SIZE, step=SIZE_STEP,
+                             tooltip=f"Video width in pixels (a multiple of {SIZE_STEP})."),
+                io.Int.Input("height", display_name="Height", default=480, min=64, max=MAX_SIZE, step=SIZE_STEP,
+                             tooltip=f"Video height in pixels (a multiple of {SIZE_STEP})."),
+                io.Int.Input("num_frames", display_name="Frames", default=61, min=1, max=MAX_FRAMES, step=4,
+                             tooltip="Number of frames, 4k+1 (1, 5, ..., 61, ...); 61 frames at 12 fps are about 5 s."),
+                io.Combo.Input("resolution", display_name="Start image resolution", options=VIDEO_RESOLUTIONS,
+                               default="video_480p", tooltip="Resolution preset used to prepare the start image."),
+                io.Float.Input("fps", display_name="Frame rate", default=12.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
                 *_sampling_inputs(30),
-                io.Image.Input("start_image", optional=True, tooltip="Optional first frame: image to video."),
+                io.Image.Input("start_image", display_name="Start image", optional=True,
+                               tooltip="Optional first frame: image to video."),
                 _context_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
@@ -204,10 +230,12 @@ class LanceEdit(io.ComfyNode):
                         "Edit for multi-turn editing.",
             inputs=[
                 _model_input(),
-                io.Image.Input("image", tooltip="One image (an IMAGE batch of 1)."),
-                io.String.Input("instruction", multiline=True, default="Make the sky a warm sunset orange."),
-                io.Combo.Input("resolution", options=IMAGE_RESOLUTIONS, default="image_768res",
-                               tooltip="Resolution preset the image is resized to."),
+                io.Image.Input("image", display_name="Image", tooltip="One image (an IMAGE batch of 1)."),
+                io.String.Input("instruction", display_name="Instruction", multiline=True,
+                                default="Make the sky a warm sunset orange.",
+                                tooltip="What to change in the image."),
+                io.Combo.Input("resolution", display_name="Resolution", options=IMAGE_RESOLUTIONS,
+                               default="image_768res", tooltip="Resolution preset the image is resized to."),
                 *_sampling_inputs(30),
                 _context_input(),
             ],
@@ -233,11 +261,14 @@ class LanceVideoEdit(io.ComfyNode):
             description="Edits a video (an IMAGE batch of frames) following an instruction.",
             inputs=[
                 _model_input(),
-                io.Image.Input("video", tooltip="The video's frames as an IMAGE batch (e.g. from Get Video Components)."),
-                io.String.Input("instruction", multiline=True, default="Change the car color to red."),
-                io.Combo.Input("resolution", options=VIDEO_RESOLUTIONS, default="video_480p",
-                               tooltip="Resolution preset the video is resized to."),
-                io.Float.Input("fps", default=12.0, min=1.0, max=120.0, step=1.0, tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
+                io.Image.Input("video", display_name="Video frames",
+                               tooltip="The video's frames as an IMAGE batch (e.g. from Get Video Components)."),
+                io.String.Input("instruction", display_name="Instruction", multiline=True,
+                                default="Change the car color to red.", tooltip="What to change in the video."),
+                io.Combo.Input("resolution", display_name="Resolution", options=VIDEO_RESOLUTIONS,
+                               default="video_480p", tooltip="Resolution preset the video is resized to."),
+                io.Float.Input("fps", display_name="Frame rate", default=12.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Frame rate of the VIDEO output (Lance saves at 12)."),
                 *_sampling_inputs(30),
                 _context_input(),
                 _source_fps_input(),
@@ -274,17 +305,27 @@ class LanceUnderstand(io.ComfyNode):
                         "context output continues the conversation (e.g. into Lance Image Edit).",
             inputs=[
                 _model_input(),
-                io.String.Input("question", multiline=True, default="Describe this image in detail."),
-                io.String.Input("instruction", multiline=True, default="",
+                io.String.Input("question", display_name="Question", multiline=True,
+                                default="Describe this image in detail.",
+                                tooltip="What to ask about the image or video."),
+                io.String.Input("instruction", display_name="System instruction", multiline=True, default="",
                                 tooltip="Optional system-style instruction (empty = the model's default)."),
-                io.Combo.Input("resolution", options=["auto", *IMAGE_RESOLUTIONS, *VIDEO_RESOLUTIONS], default="auto",
+                io.Combo.Input("resolution", display_name="Resolution",
+                               options=["auto", *IMAGE_RESOLUTIONS, *VIDEO_RESOLUTIONS], default="auto",
                                tooltip="Resolution preset for the media; auto picks one for images / videos."),
-                io.Int.Input("max_new_tokens", default=256, min=1, max=4096, step=1),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05, tooltip="0 = greedy decoding."),
-                io.Float.Input("top_p", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, step=1, control_after_generate=True),
-                io.Image.Input("image", optional=True, tooltip="One image (connect either image or video)."),
-                io.Image.Input("video", optional=True, tooltip="Video frames as an IMAGE batch."),
+                io.Int.Input("max_new_tokens", display_name="Max new tokens", default=256, min=1, max=4096, step=1,
+                             tooltip="Longest answer, in tokens."),
+                io.Float.Input("temperature", display_name="Temperature", default=0.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Sampling temperature; 0 = greedy decoding (always the most likely token)."),
+                io.Float.Input("top_p", display_name="Top-p", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Nucleus sampling: keep the most likely tokens whose probabilities add up to "
+                                       "this (used when temperature > 0)."),
+                io.Int.Input("seed", display_name="Seed", default=0, min=0, max=SEED_MAX, step=1,
+                             control_after_generate=True, tooltip="Sampling seed (used when temperature > 0)."),
+                io.Image.Input("image", display_name="Image", optional=True,
+                               tooltip="One image (connect either image or video)."),
+                io.Image.Input("video", display_name="Video frames", optional=True,
+                               tooltip="Video frames as an IMAGE batch."),
                 _context_input(),
                 _source_fps_input(),
             ],
@@ -330,9 +371,12 @@ class LancePromptEnhance(io.ComfyNode):
             description="Rewrites a short prompt into a detailed one with Lance itself.",
             inputs=[
                 _model_input(),
-                io.String.Input("prompt", multiline=True, default="a cat on a windowsill"),
-                io.Combo.Input("target", options=["image", "video"], default="image"),
-                io.Int.Input("max_new_tokens", default=256, min=1, max=4096, step=1),
+                io.String.Input("prompt", display_name="Prompt", multiline=True, default="a cat on a windowsill",
+                                tooltip="A short prompt to expand."),
+                io.Combo.Input("target", display_name="Target", options=["image", "video"], default="image",
+                               tooltip="Write the detailed prompt for image or for video generation."),
+                io.Int.Input("max_new_tokens", display_name="Max new tokens", default=256, min=1, max=4096, step=1,
+                             tooltip="Longest rewritten prompt, in tokens."),
             ],
             outputs=[io.String.Output(display_name="prompt")],
         )
@@ -356,7 +400,9 @@ class LanceDecode(io.ComfyNode):
             node_id="LanceDecode", display_name="Lance Decode Latent", category=CATEGORY,
             description="Decodes a Wan2.2-layout LATENT with Lance's own VAE into an IMAGE batch (video frames "
                         "flattened).",
-            inputs=[_model_input(), io.Latent.Input("samples")],
+            inputs=[_model_input(),
+                    io.Latent.Input("samples", display_name="Latent",
+                                    tooltip="A Wan2.2-layout LATENT (48 channels) from a Lance node.")],
             outputs=[io.Image.Output(display_name="image")],
         )
 
@@ -377,7 +423,8 @@ class LanceContextView(io.ComfyNode):
         return compat.schema(
             node_id="LanceContextView", display_name="Lance Context View", category=CATEGORY,
             description="Shows the turns of a Lance conversation context as text.",
-            inputs=[LanceContextType.Input("context")],
+            inputs=[LanceContextType.Input("context", display_name="Context",
+                                           tooltip="A conversation from a Lance node's context output.")],
             outputs=[io.String.Output(display_name="text")],
             is_output_node=True,
         )

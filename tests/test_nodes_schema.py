@@ -158,3 +158,27 @@ def test_loader_lists_model_folders(nodes, comfy, tmp_path):
     comfy.add_model_folder_path("lance", str(tmp_path / "lance"))
     options = next(i for i in nodes.LanceLoader.define_schema().inputs if i.id == "model_name").options
     assert "MyRelease" in options and "put_lance_models_here" not in options
+
+
+# readable labels for the inputs whose ids are abbreviations (the ids themselves stay frozen above)
+LABELS = {"cfg_scale": "CFG scale", "memory_mode": "Memory mode", "max_new_tokens": "Max new tokens",
+          "top_p": "Top-p", "model_name": "Model folder", "num_frames": "Frames", "source_fps": "Source frame rate"}
+
+
+def test_every_input_has_a_label_and_a_tooltip(nodes):
+    for schema in _schemas(nodes).values():
+        for inp in schema.inputs:
+            where = (schema.node_id, inp.id)
+            assert inp.display_name and inp.display_name != inp.id, where
+            assert inp.tooltip and len(inp.tooltip) > 10, where
+            if inp.id in LABELS:
+                assert inp.display_name == LABELS[inp.id], where
+
+
+def test_labels_reach_the_front_end(nodes):
+    """/object_info carries the label and tooltip of each input (the front-end shows them; widget names, and so
+    the positions UI workflows store, stay the ids)."""
+    info = nodes.LanceT2I.GET_NODE_INFO_V1()
+    cfg = info["input"]["required"]["cfg_scale"][1]
+    assert (cfg["display_name"], info["input_order"]["required"][6]) == ("CFG scale", "cfg_scale")
+    assert cfg["tooltip"].startswith("Text classifier-free guidance")

@@ -1,6 +1,7 @@
-"""The shipped workflows: in sync with tests/fixtures/workflow_builder.py (built from the node schemas), UI and
-API files describe the same graphs, every task is present, and they carry real-use defaults and the model name
-a user installs (models/lance/Lance-3B)."""
+"""The shipped workflows: in sync with tests/fixtures/workflow_builder.py (built from the node schemas), UI
+(example_workflows/, ComfyUI's template browser) and API (workflows/api/) files describe the same graphs, every
+task is present with a preview image, the UI files store core widgets as each checked ComfyUI version expects,
+and they carry real-use defaults and the model name a user installs (models/lance/Lance-3B)."""
 import json
 import sys
 from pathlib import Path
@@ -14,26 +15,68 @@ from tests.fixtures.node_fixtures import comfy, nodes  # noqa: E402,F401
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit", "multi_turn_edit", "understand_image", "understand_video",
          "understand_edit"]
 CORE = {"LoadImage", "SaveImage", "LoadVideo", "GetVideoComponents", "SaveVideo"}
-WORKFLOWS = REPO_ROOT / "workflows"
+UI_DIR = REPO_ROOT / "example_workflows"
+API_DIR = REPO_ROOT / "workflows" / "api"
+PREVIEW_MAX_SIDE = 512          # template-browser thumbnails: small files, not full screenshots
+PREVIEW_MAX_BYTES = 100_000
 
 
 def _api(name):
-    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    return json.loads((API_DIR / f"{name}.json").read_text())
 
 
 def _ui(name):
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return json.loads((UI_DIR / f"{name}.json").read_text())
 
 
 def test_every_task_has_ui_and_api_files():
-    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(TASKS)
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(TASKS)
+    assert sorted(p.stem for p in UI_DIR.glob("*.json")) == sorted(TASKS)
+    assert sorted(p.stem for p in API_DIR.glob("*.json")) == sorted(TASKS)
+
+
+def test_one_copy_of_each_ui_workflow():
+    """ComfyUI serves the first of example_workflows/, example/, examples/, workflow/, workflows/ it finds as
+    templates: only example_workflows/ may hold UI files, and workflows/ holds only the API folder."""
+    for folder in ("example", "examples", "workflow"):
+        assert not (REPO_ROOT / folder).exists(), folder
+    assert not list((REPO_ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_preview_image(name):
+    """The template browser shows <name>.jpg next to each custom-node template (front-end 1.27 and 1.49)."""
+    from PIL import Image
+    path = UI_DIR / f"{name}.jpg"
+    assert path.is_file(), f"{path} missing: see README 'Workflows' for how previews are made"
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and max(image.size) <= PREVIEW_MAX_SIDE and min(image.size) >= 64
+    assert path.stat().st_size <= PREVIEW_MAX_BYTES
 
 
 def test_shipped_files_match_the_builder(comfy):
     from tests.fixtures.workflow_builder import build
-    stale = [str(path.relative_to(REPO_ROOT)) for path, text in build().items() if path.read_text() != text]
+    stale = [str(path.relative_to(REPO_ROOT)) for path, text in build().items()
+             if not path.is_file() or path.read_text() != text]
     assert not stale, f"regenerate with `python tests/fixtures/workflow_builder.py`: {stale}"
+
+
+def _save_video_values(ui):
+    return [n["widgets_values"] for n in ui["nodes"] if n["type"] == "SaveVideo"]
+
+
+@pytest.mark.parametrize("host, values", [
+    ("0.3.64", ["lance/t2v", "auto", "auto"]),                  # filename_prefix, format, codec
+    ("0.33.0", ["lance/t2v", "auto", "auto", "auto"]),          # filename_prefix, format, format.codec, codec
+])
+def test_ui_files_follow_the_host_version(comfy, host, values):
+    from tests.fixtures.workflow_builder import build_ui
+    assert _save_video_values(json.loads(build_ui(host)["t2v"])) == [values]
+
+
+def test_shipped_ui_files_are_for_the_newest_checked_host(comfy):
+    from tests.fixtures.workflow_builder import CHECKED_HOSTS, SHIPPED_HOST, build_ui
+    assert SHIPPED_HOST == max(CHECKED_HOSTS, key=lambda v: tuple(map(int, v.split("."))))
+    assert _ui("video_edit") == json.loads(build_ui(SHIPPED_HOST)["video_edit"])
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -92,7 +135,7 @@ def test_context_chains():
 
 
 def test_no_absolute_paths_or_links_outside_repo():
-    for path in WORKFLOWS.rglob("*.json"):
+    for path in [*UI_DIR.rglob("*.json"), *API_DIR.rglob("*.json")]:
         text = path.read_text()
         assert "/work/" not in text and "/tmp/" not in text and "shared/golden" not in text, path
     for path in REPO_ROOT.rglob("*"):
