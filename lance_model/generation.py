@@ -2,7 +2,7 @@
 then run through the flow sampler. Works on latent tokens [N, C] in (frame, row, column) raster order."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -41,6 +41,8 @@ class GenerationInputs:
     vit_embeds: list[torch.Tensor] = field(default_factory=list)     # [n, H] per ViT block, in order
     source_latents: list[torch.Tensor] = field(default_factory=list)  # [n, C] clean normalized, per source block
     first_frame: torch.Tensor | None = None                           # [h*w, C] i2v clean frame-0 latent
+    # the negative prompt packed in the caption's place: the uncond branch's whole prefix; None = caption dropped
+    negative_seq: PackedSequence | None = None
 
 
 def text_to_visual_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, prompt: str, grid: LatentGrid,
@@ -115,8 +117,11 @@ def run_generation(llm: LanceLLM, inputs: GenerationInputs, options: SamplerOpti
         frozen = inputs.first_frame.shape[0]
         x[:, :frozen] = inputs.first_frame.to(x)
     with torch.inference_mode():
+        negative = None
+        if inputs.negative_seq is not None:
+            negative = (inputs.negative_seq, prefix_embeddings(llm, replace(inputs, seq=inputs.negative_seq)))
         sampler = FlowSampler(llm, inputs.seq, prefix_embeddings(llm, inputs), latent_pos_embed(llm.config, inputs.target),
-                              options, batch=x.shape[0])
+                              options, batch=x.shape[0], negative=negative)
         return sampler.sample(TargetState(x.to(llm.device), frozen), on_step, cancel)
 
 

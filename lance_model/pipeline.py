@@ -63,6 +63,7 @@ class GenerationSettings:
     on_step: Callable[[int, int, torch.Tensor], None] | None = None   # (step, total, x0 [B, C, t, h, w])
     cancel: Callable[[], bool] | None = None
     context: LanceContext | None = None
+    negative_prompt: str = ""          # the uncond branch's text in the caption's place ("" = the official dropped caption)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
@@ -155,13 +156,16 @@ class LancePipeline(nn.Module):
                 torch.cuda.empty_cache()
 
     # -- generation: prepare ----------------------------------------------------------------------------
-    def prepare_text_to_image(self, prompt: str, width: int = 768, height: int = 768) -> GenerationInputs:
+    def prepare_text_to_image(self, prompt: str, width: int = 768, height: int = 768,
+                              negative_prompt: str = "") -> GenerationInputs:
         grid = LatentGrid(1, *self._latent_size(height, width))
-        return GenerationInputs(text_to_visual_sequence(self.tokenizer, self.config, require_text(prompt, "prompt"), grid, video=False), grid)
+        sequence = lambda text: text_to_visual_sequence(self.tokenizer, self.config, text, grid, video=False)
+        return GenerationInputs(sequence(require_text(prompt, "prompt")), grid,
+                                negative_seq=_negative_sequence(negative_prompt, sequence))
 
     def prepare_text_to_video(self, prompt: str, width: int = 848, height: int = 480, num_frames: int = 61,
                               start_image=None, resolution: str = "video_480p",
-                              settings: GenerationSettings | None = None) -> GenerationInputs:
+                              settings: GenerationSettings | None = None, negative_prompt: str = "") -> GenerationInputs:
         prompt = require_text(prompt, "prompt")
         c = self.config.constants
         frames = latent_frames(num_frames, c.vae_temporal_factor, c.max_num_frames)
@@ -174,11 +178,12 @@ class LancePipeline(nn.Module):
             height, width = latent.shape[-2] * c.vae_spatial_factor, latent.shape[-1] * c.vae_spatial_factor
             first = video_to_tokens(latent)[0]
         grid = LatentGrid(frames, *self._latent_size(height, width))
-        seq = text_to_visual_sequence(self.tokenizer, self.config, prompt, grid, video=True)
-        return GenerationInputs(seq, grid, first_frame=first)
+        sequence = lambda text: text_to_visual_sequence(self.tokenizer, self.config, text, grid, video=True)
+        return GenerationInputs(sequence(prompt), grid, first_frame=first,
+                                negative_seq=_negative_sequence(negative_prompt, sequence))
 
     def prepare_edit(self, media, instruction: str, *, video: bool, resolution: str, fps: float | None = None,
-                     settings: GenerationSettings | None = None) -> GenerationInputs:
+                     settings: GenerationSettings | None = None, negative_prompt: str = "") -> GenerationInputs:
         settings = settings or GenerationSettings()
         instruction = require_text(instruction, "instruction")
         frames = self._source_frames(media, video, fps, settings.context)
@@ -191,8 +196,9 @@ class LancePipeline(nn.Module):
             vit_embeds = self.vit.embed(vit_px)
         _, vit_grid = self.vit.patchify(vit_px)
         history = self._history(settings.context, settings.include_history)
-        seq = edit_sequence(self.tokenizer, self.config, instruction, vit_grid, grid, video, history)
-        return GenerationInputs(seq, grid, [vit_embeds], [video_to_tokens(source)[0]])
+        sequence = lambda text: edit_sequence(self.tokenizer, self.config, text, vit_grid, grid, video, history)
+        return GenerationInputs(sequence(instruction), grid, [vit_embeds], [video_to_tokens(source)[0]],
+                                negative_seq=_negative_sequence(negative_prompt, sequence))
 
     # -- generation: run --------------------------------------------------------------------------------
     def generate(self, task: str, request: str, inputs: GenerationInputs, settings: GenerationSettings,
@@ -227,25 +233,27 @@ class LancePipeline(nn.Module):
     # -- generation: one call per task ------------------------------------------------------------------
     def text_to_image(self, prompt: str, *, width: int = 768, height: int = 768, **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
-        inputs = self.prepare_text_to_image(self._with_history(prompt, settings), width, height)
+        inputs = self.prepare_text_to_image(self._with_history(prompt, settings), width, height, settings.negative_prompt)
         return self.generate("t2i", prompt, inputs, settings)
 
     def text_to_video(self, prompt: str, *, width: int = 848, height: int = 480, num_frames: int = 61,
                       start_image=None, resolution: str = "video_480p", **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
         inputs = self.prepare_text_to_video(self._with_history(prompt, settings), width, height, num_frames,
-                                            start_image, resolution, settings)
+                                            start_image, resolution, settings, settings.negative_prompt)
         return self.generate("i2v" if start_image is not None else "t2v", prompt, inputs, settings)
 
     def edit_image(self, image, instruction: str, *, resolution: str = "image_768res", **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
-        inputs = self.prepare_edit(image, instruction, video=False, resolution=resolution, settings=settings)
+        inputs = self.prepare_edit(image, instruction, video=False, resolution=resolution, settings=settings,
+                                   negative_prompt=settings.negative_prompt)
         return self.generate("image_edit", instruction, inputs, settings)
 
     def edit_video(self, video, instruction: str, *, resolution: str = "video_480p", fps: float | None = None,
                    **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
-        inputs = self.prepare_edit(video, instruction, video=True, resolution=resolution, fps=fps, settings=settings)
+        inputs = self.prepare_edit(video, instruction, video=True, resolution=resolution, fps=fps, settings=settings,
+                                   negative_prompt=settings.negative_prompt)
         return self.generate("video_edit", instruction, inputs, settings)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -367,6 +375,13 @@ class LancePipeline(nn.Module):
         """t2i/t2v have no user-turn slot besides the caption: earlier turns are prepended to it."""
         lines = [t.text for t in self._history(settings.context, settings.include_history)]
         return "".join(lines) + prompt if lines and isinstance(prompt, str) else prompt
+
+
+def _negative_sequence(negative_prompt, sequence):
+    """The negative prompt packed like the prompt (None for an empty one: the official caption-dropped branch)."""
+    if negative_prompt is None or (isinstance(negative_prompt, str) and not negative_prompt.strip()):
+        return None
+    return sequence(require_text(negative_prompt, "negative_prompt"))
 
 
 def _on_device(module: nn.Module, device: torch.device) -> bool:

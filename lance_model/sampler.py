@@ -167,16 +167,20 @@ def batched_cfg_fits(rows: int, query_len: int) -> bool:
 
 class FlowSampler:
     def __init__(self, llm: LanceLLM, seq: PackedSequence, prefix_embeds: torch.Tensor, target_pos_embed: torch.Tensor,
-                 options: SamplerOptions, batch: int):
+                 options: SamplerOptions, batch: int, negative: tuple[PackedSequence, torch.Tensor] | None = None):
         """prefix_embeds [L, H]: input embeddings of the whole cond sequence (the target payload rows are unused);
-        target_pos_embed [N, H]: latent position embedding of the target block."""
+        target_pos_embed [N, H]: latent position embedding of the target block; negative: (sequence, its prefix
+        embeddings) of a negative prompt, whose whole prefix is then the uncond branch instead of the
+        caption-dropped one."""
         options.validate()
         self.llm, self.seq, self.opts, self.batch = llm, seq, options, batch
         self.block = TargetBlock(seq, prefix_embeds, target_pos_embed)
         self.timesteps = flow_timesteps(options.steps, options.shift)
         self.guided = any(options.guidance.active(float(t)) for t in self.timesteps[:-1])
         self.branches = 2 if self.guided else 1
-        capacity = seq.target_split.start + seq.target_split.length
+        self.negative = negative
+        sequences = [seq] + ([negative[0]] if negative is not None else [])
+        capacity = max(s.target_split.start + s.target_split.length for s in sequences)
         self.cache = llm.new_cache(batch * self.branches, capacity)
         self._prefill(prefix_embeds)
 
@@ -186,8 +190,11 @@ class FlowSampler:
         self.slots = []
         for branch in range(self.branches):
             row = branch * self.batch
-            slot = prefill_branch(self.llm, self.seq, embeds, self.cache, row, uncond=branch == 1,
-                                  uncond_positions=self.opts.guidance.uncond_positions)
+            if branch == 1 and self.negative is not None:
+                slot = prefill_branch(self.llm, self.negative[0], self.negative[1], self.cache, row, uncond=False)
+            else:
+                slot = prefill_branch(self.llm, self.seq, embeds, self.cache, row, uncond=branch == 1,
+                                      uncond_positions=self.opts.guidance.uncond_positions)
             self.cache.copy_rows(row, range(row + 1, row + self.batch), slot.length)
             self.slots.append(BranchSlot(slice(row, row + self.batch), slot.length, slot.query_pos))
 

@@ -59,9 +59,8 @@ def build_conditioning(pipe, inputs, batch_size: int = 1):
     negative prompt when it has one, else its caption-dropped branch (the official unconditional)."""
     velocity = library_module("velocity")
     positive = velocity.BranchRequest(inputs)
-    negative_seq = getattr(inputs, "negative_seq", None)
-    if negative_seq is not None:
-        negative = velocity.BranchRequest(velocity.with_sequence(inputs, negative_seq))
+    if inputs.negative_seq is not None:
+        negative = velocity.BranchRequest(velocity.with_sequence(inputs, inputs.negative_seq))
     else:
         negative = velocity.BranchRequest(inputs, uncond=True)
     return conditioning(positive), conditioning(negative), empty_latent(pipe, inputs, batch_size)
