@@ -11,6 +11,10 @@ Differences handled (checked against 0.3.64's comfy_api/latest and upstream mast
 - upstream re-exports io/ui through `_io_public`/`_ui_public`; importing `comfy_api.latest` works in both.
 - `ComfyExtension.on_load()` is never called by 0.3.64: setup runs at import / in `comfy_entrypoint()`.
 - `PromptServer.send_progress_text` (text streamed to a node) may be missing on old/embedded hosts: optional.
+- Dynamic VRAM (0.33.0, comfy-aimdo; on by default on GPUs): core builds patchers as `CoreModelPatcher`, which
+  main.py rebinds to ModelPatcherDynamic, and registers `cached_patcher_init` reload factories. 0.3.64 has
+  neither: `model_patcher()` falls back to ModelPatcher and skips the factory. `weight_device()` says where the
+  weights go (RAM when they are streamed).
 - `comfy.model_management` internals used for unloading (`current_loaded_models`, `LoadedModel.model_unload`)
   are looked up defensively.
 """
@@ -115,10 +119,58 @@ def manual_cast_ops():
     return comfy.ops.manual_cast
 
 
-def model_patcher(module: torch.nn.Module, size: int = 0):
-    import comfy.model_patcher
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device(), offload_device=offload_device(),
-                                            size=size)
+def _patcher_class(disable_dynamic: bool = False):
+    """Core's patcher class, looked up at call time: main.py rebinds `CoreModelPatcher` to ModelPatcherDynamic
+    after import when Dynamic VRAM is on. 0.3.64 has only ModelPatcher."""
+    import comfy.model_patcher as core
+    if disable_dynamic:
+        return core.ModelPatcher
+    return getattr(core, "CoreModelPatcher", core.ModelPatcher)
+
+
+def model_patcher(module: torch.nn.Module, size: int = 0, reload=None, disable_dynamic: bool = False):
+    """ComfyUI's patcher for `module`, as core loaders build theirs: `CoreModelPatcher` where the host has it
+    (ModelPatcherDynamic under Dynamic VRAM; it falls back to ModelPatcher itself for a CPU load device), else
+    ModelPatcher.
+
+    `reload` is a zero-argument callable that builds the same module again from disk. It is registered as the
+    patcher's `cached_patcher_init` factory (hosts that have it): core calls it when it needs a private copy of
+    the weights, e.g. a non-dynamic delegate (`clone(disable_dynamic=True)`) or a copy for another GPU. Without
+    it those core features raise for this model; nothing else changes.
+
+    Under Dynamic VRAM the patcher streams the weights of layers built from comfy.ops (the LLM) from RAM at
+    run time and moves every other weight and buffer to the load device when it loads: build `module` on
+    `weight_device()`, in its compute dtype (core casts a streamed weight to `<name>_comfy_model_dtype` when set,
+    else keeps the stored dtype)."""
+    patcher = _patcher_class(disable_dynamic)(module, load_device=load_device(), offload_device=offload_device(),
+                                              size=size)
+    if reload is not None and hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (_reloaded_patcher, (reload, size))
+    return patcher
+
+
+def _reloaded_patcher(reload, size, disable_dynamic: bool = False):
+    """The `cached_patcher_init` factory: core calls factory(*args) or factory(*args, disable_dynamic=True)."""
+    return model_patcher(reload(), size, reload, disable_dynamic=disable_dynamic)
+
+
+def dynamic_vram() -> bool:
+    """True when the patcher model_patcher() builds streams weights (Dynamic VRAM via comfy-aimdo on a GPU)."""
+    try:
+        import comfy.memory_management as memory
+    except ImportError:  # 0.3.64: no Dynamic VRAM
+        return False
+    import comfy.model_patcher as core
+    dynamic = getattr(core, "ModelPatcherDynamic", None)
+    if dynamic is None or not getattr(memory, "aimdo_enabled", False) or mm.is_device_cpu(load_device()):
+        return False
+    return issubclass(_patcher_class(), dynamic)
+
+
+def weight_device() -> torch.device:
+    """Where a resident model's weights should be built: RAM under Dynamic VRAM (the patcher streams them to the
+    GPU), the load device otherwise (as core's unet_inital_load_device does for its own models)."""
+    return offload_device() if dynamic_vram() else load_device()
 
 
 def load_to_device(patcher, full: bool) -> None:
