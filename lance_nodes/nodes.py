@@ -35,6 +35,13 @@ def _context_input():
                 "Leave unconnected to start a new conversation.")
 
 
+def _negative_prompt_input():
+    return io.String.Input(
+        "negative_prompt", display_name="Negative prompt", optional=True, multiline=True, default="",
+        tooltip="What to steer away from (guidance pushes from it instead of from the prompt-less branch). "
+                "Empty = the official guidance. For edits, naming what must not change helps keep it.")
+
+
 def _sampling_inputs(steps: int = 30):
     return [
         io.Int.Input("steps", display_name="Steps", default=steps, min=1, max=200, step=1,
@@ -162,6 +169,7 @@ class LanceT2I(io.ComfyNode):
                              tooltip=f"Image height in pixels (a multiple of {SIZE_STEP})."),
                 *_sampling_inputs(30),
                 _context_input(),
+                _negative_prompt_input(),
             ],
             outputs=[*_image_outputs(), _context_output()],
         )
@@ -169,10 +177,11 @@ class LanceT2I(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, prompt, width, height, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+                cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
-        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height), **gen)
+        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height),
+                             negative_prompt=negative_prompt or "", **gen)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -202,6 +211,7 @@ class LanceT2V(io.ComfyNode):
                 io.Image.Input("start_image", display_name="Start image", optional=True,
                                tooltip="Optional first frame: image to video."),
                 _context_input(),
+                _negative_prompt_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
@@ -210,14 +220,14 @@ class LanceT2V(io.ComfyNode):
     @node_errors
     def execute(cls, model, prompt, width, height, num_frames, resolution, fps, steps, shift, cfg_scale,
                 cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size,
-                start_image=None, context=None):
+                start_image=None, context=None, negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
         if start_image is not None:
             start_image = runtime.check_image(start_image, "start_image")
         result = runtime.run(model, "text_to_video", prompt, width=int(width), height=int(height),
                              num_frames=int(num_frames), start_image=start_image, resolution=resolution,
-                             **gen)
+                             negative_prompt=negative_prompt or "", **gen)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -238,6 +248,7 @@ class LanceEdit(io.ComfyNode):
                                default="image_768res", tooltip="Resolution preset the image is resized to."),
                 *_sampling_inputs(30),
                 _context_input(),
+                _negative_prompt_input(),
             ],
             outputs=[*_image_outputs(), _context_output()],
         )
@@ -245,11 +256,12 @@ class LanceEdit(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None):
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
         image = runtime.check_image(image, "image")
-        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution, **gen)
+        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution,
+                             negative_prompt=negative_prompt or "", **gen)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -272,6 +284,7 @@ class LanceVideoEdit(io.ComfyNode):
                 *_sampling_inputs(30),
                 _context_input(),
                 _source_fps_input(),
+                _negative_prompt_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
@@ -279,12 +292,13 @@ class LanceVideoEdit(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, source_fps=0.0):
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, source_fps=0.0,
+                negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
         video = runtime.check_video(video, "video")
         result = runtime.run(model, "edit_video", video, instruction, resolution=resolution,
-                             fps=float(source_fps) or None, **gen)
+                             fps=float(source_fps) or None, negative_prompt=negative_prompt or "", **gen)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 

@@ -308,3 +308,79 @@ def test_native_nodes_registered_with_the_extension(comfy):
     from lance_nodes import NATIVE_NODE_IDS, entry
     ids = [n.define_schema().node_id for n in asyncio.run(entry.LanceExtension().get_node_list())]
     assert ids[-len(NATIVE_NODE_IDS):] == list(NATIVE_NODE_IDS)
+
+
+# ---------------------------------------------------------------- negative prompts (both paths) and the nodes
+NEGATIVE = "blurry, low quality"
+
+
+def library_kwargs(hp):
+    return dict(steps=hp["steps"], shift=hp["timestep_shift"], cfg_scale=hp["cfg_text_scale"],
+                cfg_interval=tuple(hp["cfg_interval"]), cfg_renorm=hp["cfg_renorm_type"],
+                cfg_renorm_min=hp["cfg_renorm_min"], seed=hp["validation_noise_seed"], decode=False)
+
+
+def test_native_parity_negative_prompt_through_the_conditioning_node(native, tiny_model, golden):
+    """Lance Conditioning (t2i, negative prompt) -> core sampler == the library with the same negative prompt."""
+    name = golden.tasks("t2i", *GEN_TASKS)[0]
+    hp = golden.hyper(name)
+    w, h = hp["video_width"], hp["video_height"]
+    positive, negative, latent = native.LanceConditioning.execute(tiny_model, "t2i", hp["caption"], NEGATIVE, w, h,
+                                                                  1, "auto", 1).args
+    ours = sample_custom_advanced(native, core_model(native, tiny_model, hp), positive, negative, latent, hp)
+    library = tiny_model.pipe.text_to_image(hp["caption"], width=w, height=h, negative_prompt=NEGATIVE,
+                                            **library_kwargs(hp)).latents
+    plain = tiny_model.pipe.text_to_image(hp["caption"], width=w, height=h, **library_kwargs(hp)).latents
+    assert_close(ours, library, golden.tolerance("out/latent.0"), "native vs library with a negative prompt")
+    assert (ours - plain).abs().max() > 1e-3
+
+
+def test_all_in_one_nodes_take_a_negative_prompt(nodes, tiny_model, golden):
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    gen = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
+               cfg_renorm_min=0.0, seed=42, batch_size=1)
+    size = (hp["video_width"], hp["video_height"])
+    run = lambda **kw: nodes.LanceT2I.execute(tiny_model, hp["caption"], *size, **gen, **kw).args[0]["samples"]
+    plain = run()
+    assert torch.equal(run(negative_prompt=""), plain)
+    with_negative = run(negative_prompt=NEGATIVE)
+    library = tiny_model.pipe.text_to_image(hp["caption"], width=size[0], height=size[1], negative_prompt=NEGATIVE,
+                                            steps=2, decode=False).raw_latents
+    assert (with_negative - plain).abs().max() > 1e-3
+    assert_close(with_negative, library, 1e-5, "LanceT2I negative prompt vs the library")
+    image = torch.rand(1, 64, 64, 3)
+    edited = nodes.LanceEdit.execute(tiny_model, image, "make it red", "image_256res", **gen,
+                                     negative_prompt=NEGATIVE).args[0]["samples"]
+    assert torch.isfinite(edited).all()
+
+
+@pytest.mark.parametrize("task", ["t2v", "image_edit", "video_edit"])
+def test_native_conditioning_node_matches_the_library_request(native, tiny_model, golden, task):
+    """The node builds the request the library's prepare_* builds (same packed sequence), and a LATENT of the
+    target's size (i2v: frame 0 = the start image, masked)."""
+    image = torch.rand(1, 64, 64, 3)
+    video = torch.rand(5, 64, 64, 3)
+    positive, negative, latent = native.LanceConditioning.execute(
+        tiny_model, task, "a cat", "", 64, 64, 5, "auto", 2, image=image if task != "video_edit" else None,
+        video=video if task == "video_edit" else None).args
+    from lance_nodes.native_model import request_of
+    request = request_of(positive).inputs
+    pipe = tiny_model.pipe
+    if task == "t2v":
+        expected = pipe.prepare_text_to_video("a cat", 64, 64, 5, start_image=image, resolution="video_480p")
+        assert latent["noise_mask"][:, :, 0].eq(0).all() and latent["noise_mask"][:, :, 1:].eq(1).all()
+    elif task == "image_edit":
+        expected = pipe.prepare_edit(image, "a cat", video=False, resolution="image_768res")
+    else:
+        expected = pipe.prepare_edit(video, "a cat", video=True, resolution="video_480p")
+    assert torch.equal(request.seq.ids, expected.seq.ids)
+    grid = request.target
+    assert latent["samples"].shape == (2, 48, grid.frames, grid.height, grid.width)
+    assert request_of(negative, "negative").uncond and request_of(negative, "negative").inputs is request
+
+
+def test_native_model_node_needs_resident_memory(native, nodes, models_dir):
+    from lance_nodes.library import InputError
+    (offload,) = nodes.LanceLoader.execute("tiny_copy", "auto", "auto", "auto", "offload").args
+    with pytest.raises(InputError, match="resident"):
+        native.LanceModelNode.execute(offload)

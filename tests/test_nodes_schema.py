@@ -13,6 +13,7 @@ GEN = [("steps", "INT"), ("shift", "FLOAT"), ("cfg_scale", "FLOAT"), ("cfg_inter
        ("cfg_interval_end", "FLOAT"), ("cfg_renorm", "COMBO"), ("cfg_renorm_min", "FLOAT"), ("seed", "INT"),
        ("batch_size", "INT")]
 CTX = ("context", "LANCE_CONTEXT", "optional")
+NEG = ("negative_prompt", "STRING", "optional")  # appended after the first release
 
 # node id -> inputs [(name, type[, "optional"])] in order, output types in order
 CONTRACT = {
@@ -21,18 +22,18 @@ CONTRACT = {
          ("memory_mode", "COMBO")],
         ["LANCE_MODEL"]),
     "LanceT2I": (
-        [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), *GEN, CTX],
+        [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), *GEN, CTX, NEG],
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceT2V": (
         [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), ("num_frames", "INT"),
-         ("resolution", "COMBO"), ("fps", "FLOAT"), *GEN, ("start_image", "IMAGE", "optional"), CTX],
+         ("resolution", "COMBO"), ("fps", "FLOAT"), *GEN, ("start_image", "IMAGE", "optional"), CTX, NEG],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceEdit": (
-        [("model", "LANCE_MODEL"), ("image", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"), *GEN, CTX],
+        [("model", "LANCE_MODEL"), ("image", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"), *GEN, CTX, NEG],
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceVideoEdit": (
         [("model", "LANCE_MODEL"), ("video", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"),
-         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional")],
+         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional"), NEG],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceUnderstand": (
         [("model", "LANCE_MODEL"), ("question", "STRING"), ("instruction", "STRING"), ("resolution", "COMBO"),
