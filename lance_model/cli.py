@@ -12,7 +12,7 @@ from .checkpoint import LANCE_FOLDERS
 from .errors import LanceError
 from .writers import save_frames
 
-DEFAULT_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "checkpoint"
+DEFAULT_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "checkpoint"
 
 
 def default_model() -> str:

@@ -1,14 +1,12 @@
 """Shared test fixtures: the golden parity set (LANCE_GOLDEN) and the tiny checkpoint loaded once."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("LANCE_GOLDEN", REPO_ROOT.parent / "shared" / "golden")).resolve()
+from tests.fixtures.paths import GOLDEN_DIR
 
 
 class Golden:

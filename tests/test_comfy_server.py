@@ -1,4 +1,5 @@
-"""A real headless ComfyUI (../shared/comfyui, 0.3.64 on CPU) with this pack in custom_nodes:
+"""A real headless ComfyUI (found as tests/fixtures/comfy_env.py says; CI: ../shared/comfyui, CPU) with this
+pack in custom_nodes:
 
 - every workflows/api/*.json runs against the tiny checkpoint (test copies with small sizes/steps, written to a
   temporary folder; the shipped files keep real-use defaults), and the files they write have the expected shapes;
@@ -6,7 +7,10 @@
 - browser_check.py opens every UI workflow in the real front-end (headless Chromium). Without Chromium this
   fails with a message, unless LANCE_SKIP_BROWSER=1.
 
-Run: python -m pytest -m comfy tests/test_comfy_server.py   (after `bash ../shared/comfyui/setup.sh --browser`)
+Run: python -m pytest -m comfy tests/test_comfy_server.py   (after `bash ../shared/comfyui/setup.sh --browser`,
+or with COMFYUI_PATH/COMFYUI_PYTHON naming another ComfyUI). The harness scripts (run_workflows.py,
+browser_check.py) come from ../shared/comfyui; without it those tests are skipped. Without a ComfyUI every test
+here is skipped with one line; a ComfyUI that was found but does not work fails.
 """
 from __future__ import annotations
 
@@ -21,36 +25,40 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import (COMFY_HOME, COMFYUI_DIR, GOLDEN_DIR, REPO_ROOT, SHARED_COMFY,  # noqa: E402
-                                      make_input_dir, make_models_dir)
+from tests.fixtures.comfy_env import (GOLDEN_DIR, REPO_ROOT, make_input_dir, make_models_dir,  # noqa: E402
+                                      require_host)
 from tests.fixtures.tiny_workflows import (EXPECTED, TINY_SIZE, bad_workflows, shipped_api_workflows,  # noqa: E402
                                            tiny)
 
 pytestmark = pytest.mark.comfy
 
-PYTHON = COMFY_HOME / "venv" / "bin" / "python"
 NODE_IDS = "LanceLoader,LanceT2I,LanceT2V,LanceEdit,LanceVideoEdit,LanceUnderstand,LancePromptEnhance,LanceDecode," \
            "LanceContextView"
 AFTER_BAD = "zz_after_bad_t2i"
 
 
-def _require_host():
-    if not (COMFYUI_DIR / "main.py").is_file() or not PYTHON.is_file():
-        pytest.fail(f"ComfyUI test host missing ({COMFYUI_DIR}, {PYTHON}): run `bash ../shared/comfyui/setup.sh`")
-    if not (SHARED_COMFY / "run_workflows.py").is_file():
-        pytest.fail(f"{SHARED_COMFY}/run_workflows.py not found")
+def _harness_script(comfy, name: str) -> Path:
+    """run_workflows.py / browser_check.py (they come with the shared test host, ../shared/comfyui), run
+    against the host that was found."""
+    if comfy.harness is None:
+        pytest.skip(f"{name} comes with the shared test host (../shared/comfyui), which is not beside the checkout")
+    script = comfy.harness / name
+    if not script.is_file():
+        pytest.fail(f"{script} not found in the shared test host")
+    return [script, "--comfyui", comfy.root, "--python", comfy.python]
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    _require_host()
+    comfy = require_host()
     base = tmp_path_factory.mktemp("comfy")
     models = make_models_dir(base / "models")
     copy = models / "lance" / "tiny_copy"          # a second model (another model id) for the context test
     shutil.copytree(GOLDEN_DIR / "checkpoint", copy)
     for path in copy.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    return {"base": base, "models": models, "inputs": make_input_dir(base / "input")}
+    return {"base": base, "models": models, "inputs": make_input_dir(base / "input"), "comfy": comfy,
+            "python": comfy.python, "root": comfy.root}
 
 
 def _run(cmd, timeout):
@@ -79,7 +87,7 @@ def server_run(host):
             node["inputs"]["filename_prefix"] = AFTER_BAD
     (folder / f"{AFTER_BAD}.json").write_text(json.dumps(after, indent=1))
     report = host["base"] / "report.json"
-    out = _run([PYTHON, SHARED_COMFY / "run_workflows.py", "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
+    out = _run([host["python"], *_harness_script(host["comfy"], "run_workflows.py"), "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
                 "--models-dir", host["models"], "--input-dir", host["inputs"], "--workflows", str(folder / "*.json"),
                 "--report", report, "--keep", "--timeout", "600"], timeout=1800)
     kept = re.search(r"kept base directory (\S+)", out.stdout)
@@ -181,7 +189,7 @@ def _chromium() -> str | None:
 
 
 def test_ui_workflows_in_the_real_frontend(host, tmp_path):
-    _require_host()
+    script = _harness_script(host["comfy"], "browser_check.py")
     if _chromium() is None:
         if os.environ.get("LANCE_SKIP_BROWSER") == "1":
             pytest.skip("LANCE_SKIP_BROWSER=1 and no Chromium")
@@ -192,10 +200,10 @@ def test_ui_workflows_in_the_real_frontend(host, tmp_path):
     # UI files store widget values by position, so they are written for this host's version (the shipped
     # example_workflows/ are the builder's output for the newest checked host; test_nodes_workflows.py)
     ui_dir = tmp_path / "ui"
-    built = _run([PYTHON, REPO_ROOT / "tests" / "fixtures" / "workflow_builder.py", "--host", "running",
+    built = _run([host["python"], REPO_ROOT / "tests" / "fixtures" / "workflow_builder.py", "--host", "running",
                   "--out", ui_dir], timeout=300)
     assert built.returncode == 0, built.stderr
-    out = _run([PYTHON, SHARED_COMFY / "browser_check.py", "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
+    out = _run([host["python"], *script, "--project", REPO_ROOT, "--expect-nodes", NODE_IDS,
                 "--models-dir", host["models"], "--input-dir", host["inputs"], "--screenshots", shots,
                 "--workflows", str(ui_dir / "*.json"), "--report", report], timeout=900)
     data = json.loads(report.read_text())
@@ -208,14 +216,13 @@ def test_ui_workflows_in_the_real_frontend(host, tmp_path):
 def test_headless_runner_tool(host, tmp_path):
     """tools/run_workflow.py starts ComfyUI itself, runs workflows/api/t2i.json with --set overrides and saves
     the PNG; a bad input exits 1 with the node's error, and a missing node input is rejected (exit 2)."""
-    _require_host()
     base = tmp_path / "base"
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "comfyui-lance").symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "models").mkdir()
     (base / "models" / "lance").symlink_to(host["models"] / "lance", target_is_directory=True)
-    tool = [PYTHON, REPO_ROOT / "tools" / "run_workflow.py"]
-    server = ["--comfyui", COMFYUI_DIR, "--python", PYTHON, "--server-arg=--cpu",
+    tool = [host["python"], REPO_ROOT / "tools" / "run_workflow.py"]
+    server = ["--comfyui", host["root"], "--python", host["python"], "--server-arg=--cpu",
               f"--server-arg=--base-directory={base}", "--server-arg=--disable-api-nodes",
               "--server-arg=--database-url=sqlite:///:memory:"]
     sets = ["--set", "LanceLoader.model_name=tiny", "--set", f"LanceT2I.width={TINY_SIZE}",
@@ -237,7 +244,6 @@ def test_headless_runner_tool(host, tmp_path):
 def test_interrupt_through_the_server_then_next_prompt_runs(host, tmp_path):
     """A long LanceT2I is interrupted through POST /interrupt while it samples: the prompt ends as interrupted
     (well before its last step) and the same server then runs the next prompt with the cached model."""
-    _require_host()
     import time
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import run_workflow as runner
@@ -247,7 +253,7 @@ def test_interrupt_through_the_server_then_next_prompt_runs(host, tmp_path):
     (base / "custom_nodes" / "comfyui-lance").symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "models").mkdir()
     (base / "models" / "lance").symlink_to(host["models"] / "lance", target_is_directory=True)
-    proc, server = runner.start_server(str(COMFYUI_DIR), str(PYTHON),
+    proc, server = runner.start_server(str(host["root"]), str(host["python"]),
                                        ["--cpu", f"--base-directory={base}", "--disable-api-nodes",
                                         "--database-url=sqlite:///:memory:", "--preview-method", "none"], 300)
     try:

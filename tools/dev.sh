@@ -1,24 +1,75 @@
 #!/usr/bin/env bash
-# Developer entry point. `demo` runs a Lance task end to end (the tiny test checkpoint unless LANCE_MODEL points
-# at a release folder); `test` runs the whole test suite. Both first make sure the environment exists
-# (../shared/comfyui/setup.sh: a venv with torch, transformers, diffusers and a real ComfyUI; ~2 min cold,
-# instant when warm).
+# Developer entry point (README's two commands):
+#   bash tools/dev.sh demo [task args...]    a Lance task end to end (default: text-to-image -> out/t2i.png)
+#   bash tools/dev.sh test [pytest args...]  the test suite
+# Both first make sure the environment exists: .venv/ in the checkout, built from pyproject.toml's [test] extra
+# (a CPU torch where no NVIDIA GPU is found). A stamp of pyproject.toml, requirements.txt, the Python version and
+# the torch choice makes a warm run skip pip. LANCE_PYTHON=/path/to/python uses that interpreter as it is instead
+# (CI: the shared ComfyUI venv). The demo runs on the tiny random checkpoint in tests/golden/checkpoint (its output
+# is noise) unless LANCE_MODEL names a release folder.
+#
+# Environment: LANCE_PYTHON (use this interpreter, install nothing), LANCE_BASE_PYTHON (interpreter that creates
+# .venv, default python3), LANCE_TORCH (pip requirement for torch, default torch==2.13.0+cpu without a GPU,
+# torch==2.13.0 with one), LANCE_MODEL (demo model folder).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SHARED=${LANCE_SHARED:-$REPO/../shared}
-export LANCE_GOLDEN=${LANCE_GOLDEN:-$SHARED/golden}
-PY=${LANCE_COMFY_HOME:-$HOME/.cache/lance-comfyui}/venv/bin/python
+VENV=$REPO/.venv
+TORCH_VERSION=2.13.0
+CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-setup() {
-    # --browser installs Debian's chromium when missing (the UI-workflow check needs it)
-    bash "$SHARED/comfyui/setup.sh" --project "$REPO" ${LANCE_SETUP_ARGS---browser} >&2
+log() { echo "[dev] $*" >&2; }
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+torch_requirement() {
+    if [ -n "${LANCE_TORCH:-}" ]; then echo "$LANCE_TORCH"
+    elif has_nvidia_gpu; then echo "torch==$TORCH_VERSION"
+    else echo "torch==$TORCH_VERSION+cpu"
+    fi
+}
+
+install_torch() {  # the CPU build: from a local wheel folder/mirror when pip has one, else PyTorch's CPU index
+    local requirement=$1 pip=("$VENV/bin/python" -m pip install --no-input --progress-bar off)
+    case "$requirement" in
+        *+cpu*) "${pip[@]}" "$requirement" 2>/dev/null || "${pip[@]}" --index-url "$CPU_TORCH_INDEX" "$requirement" ;;
+        *) "${pip[@]}" "$requirement" ;;
+    esac
+}
+
+ensure_env() {
+    if [ -n "${LANCE_PYTHON:-}" ]; then
+        "$LANCE_PYTHON" -c 'import torch' 2>/dev/null || { log "LANCE_PYTHON=$LANCE_PYTHON cannot import torch"; exit 1; }
+        PY=$LANCE_PYTHON
+        return
+    fi
+    local base=${LANCE_BASE_PYTHON:-python3} torch stamp
+    command -v "$base" >/dev/null 2>&1 || { log "$base not found: install Python >= 3.10 or set LANCE_BASE_PYTHON"; exit 1; }
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { log "$base is older than Python 3.10"; exit 1; }
+    torch=$(torch_requirement)
+    stamp=$( { "$base" -c 'import sys; print(sys.version)'; echo "$torch"; cat "$REPO/pyproject.toml" "$REPO/requirements.txt"; } \
+             | sha256sum | cut -d' ' -f1)
+    PY=$VENV/bin/python
+    if [ -x "$PY" ] && [ "$(cat "$VENV/.lance-stamp" 2>/dev/null)" = "$stamp" ]; then
+        return
+    fi
+    local started=$SECONDS
+    log "setting up $VENV ($torch; pip log: $VENV/pip.log)"
+    rm -rf "$VENV"
+    "$base" -m venv "$VENV"
+    {
+        install_torch "$torch"
+        "$PY" -m pip install --no-input --progress-bar off -e "$REPO[test]"
+    } > "$VENV/pip.log" 2>&1 || { tail -n 40 "$VENV/pip.log" >&2; log "pip failed; full log: $VENV/pip.log"; exit 1; }
+    echo "$stamp" > "$VENV/.lance-stamp"
+    log "environment ready in $((SECONDS - started)) s"
 }
 
 case "${1:-}" in
     demo)
         shift
-        setup
+        ensure_env
         cd "$REPO"
+        export LANCE_MODEL=${LANCE_MODEL:-$REPO/tests/golden/checkpoint}
         if [ $# -eq 0 ]; then
             set -- t2i --prompt "A red cat holds a blue sign that says STOP." --out out/t2i
         fi
@@ -26,7 +77,7 @@ case "${1:-}" in
         ;;
     test)
         shift
-        setup
+        ensure_env
         cd "$REPO"
         exec "$PY" -m pytest -q "$@"
         ;;
