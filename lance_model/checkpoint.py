@@ -75,7 +75,8 @@ def resolve_release(root: str | Path, variant: str = "auto") -> ReleasePaths:
     """Find the files of a release folder. variant: "auto" (image weights first), "image" or "video"."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise CheckpointError(f"model folder does not exist: {root}; {_expected_layout(root)}")
+        raise CheckpointError(f"model folder does not exist: {root}; {_expected_layout(root)}. Get the release with "
+                              "`hf download bytedance-research/Lance --local-dir ComfyUI/models/lance/Lance-3B`")
     if not root.is_dir():
         raise CheckpointError(f"model path is a file, not a folder: {root}; {_expected_layout(root)}")
     order = {"auto": LANCE_FOLDERS, "image": LANCE_FOLDERS[:1], "video": LANCE_FOLDERS[1:]}
