@@ -114,6 +114,13 @@ class LanceBaseModel(comfy.model_base.BaseModel):
         if diffusion is not None:
             diffusion.reset()
 
+    def _apply_model(self, *args, **kwargs):
+        patcher = self.current_patcher
+        if patcher is not None and getattr(patcher, "hook_patches", None):
+            # scheduled hook patches may change the weights between steps: the prefix is rebuilt every call
+            self.diffusion_model.reset()
+        return super()._apply_model(*args, **kwargs)
+
     def extra_conds(self, **kwargs):
         request = kwargs.get(REQUEST_KEY)
         if request is None:

@@ -384,3 +384,54 @@ def test_native_model_node_needs_resident_memory(native, nodes, models_dir):
     (offload,) = nodes.LanceLoader.execute("tiny_copy", "auto", "auto", "auto", "offload").args
     with pytest.raises(InputError, match="resident"):
         native.LanceModelNode.execute(offload)
+
+
+# ---------------------------------------------------------------- core VAEDecode, hook patches
+def test_native_ksampler_latent_decodes_with_core_vae_decode(native, nodes, tiny_model, golden, comfy):
+    """Lance Conditioning -> KSampler(lance_flow) -> core VAEDecode (Wan2.2 VAE) gives Lance Decode's pixels."""
+    import nodes as core_nodes
+    from test_nodes_run import _core_wan22_vae
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    positive, negative, latent = native.LanceConditioning.execute(
+        tiny_model, "t2i", hp["caption"], "", hp["video_width"], hp["video_height"], 1, "auto", 1).args
+    (out,) = core_nodes.KSampler().sample(core_model(native, tiny_model, hp), 7, 3, 4.0, "euler", "lance_flow",
+                                          positive, negative, latent)
+    (decoded,) = core_nodes.VAEDecode().decode(_core_wan22_vae(comfy), out)
+    (lance,) = nodes.LanceDecode.execute(tiny_model, out).args
+    assert decoded.shape == lance.shape == (1, hp["video_height"], hp["video_width"], 3)
+    err = (decoded.float() - lance).abs().max().item()
+    print(f"[native] core VAEDecode vs Lance Decode of a native LATENT: max_abs={err:.2e}")
+    assert err < 1e-3
+
+
+def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, golden):
+    """With scheduled hook patches the weights may change between steps, so the prefix cache is not kept."""
+    import comfy.patcher_extension  # noqa: F401
+    from lance_nodes.native_model import COND_KEY, CONDLance
+    from lance_model.velocity import BranchRequest
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    base = tiny_model.patcher.model
+    inputs = tiny_model.pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
+    grid = inputs.target
+    x = torch.zeros(1, 48, grid.frames, grid.height, grid.width)
+    sigma = torch.tensor([1.0])
+    cond = {COND_KEY: [CONDLance(BranchRequest(inputs)).cond], "transformer_options": {"cond_or_uncond": [0]}}
+
+    class Hooked:
+        hook_patches = {"hook": {}}
+    velocity = base.diffusion_model.velocity
+
+    def caches(patcher):
+        base.current_patcher = patcher
+        seen = []
+        for _ in range(2):
+            base.apply_model(x, sigma, **cond)
+            seen.append(velocity._cache)
+        return seen
+    try:
+        first, second = caches(None)
+        assert first is second, "without hooks the prefix is built once per run"
+        first, second = caches(Hooked())
+        assert first is not second, "with hook patches the prefix is rebuilt for every call"
+    finally:
+        base.current_patcher = None
