@@ -29,12 +29,12 @@ class ConfigFields:
 
     def _fail(self, key: str, expected: str):
         value = self.raw.get(key)
-        raise CheckpointError(f"{self.source}: field {self.where}{key!r} is {value!r} ({type(value).__name__}); "
+        raise CheckpointError(f"{self.source}: field {self.where + key!r} is {value!r} ({type(value).__name__}); "
                               f"expected {expected}")
 
     def int(self, key: str, minimum: int, maximum: int) -> int:
         if key not in self.raw:
-            raise CheckpointError(f"{self.source}: required field {self.where}{key!r} is missing")
+            raise CheckpointError(f"{self.source}: required field {self.where + key!r} is missing")
         value = self.raw[key]
         if not is_int(value) or not minimum <= value <= maximum:
             self._fail(key, f"an integer in {minimum}..{maximum}")
@@ -45,7 +45,7 @@ class ConfigFields:
         if key not in self.raw and default is not None:
             return default
         if key not in self.raw:
-            raise CheckpointError(f"{self.source}: required field {self.where}{key!r} is missing")
+            raise CheckpointError(f"{self.source}: required field {self.where + key!r} is missing")
         value = self.raw[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not above < value <= maximum:
             self._fail(key, f"a number in ({above}, {maximum}]")

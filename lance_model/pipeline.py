@@ -7,8 +7,11 @@ normalized (model space) and un-normalized (`comfy_latent()`, the layout ComfyUI
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -21,14 +24,18 @@ from .attention import Attention
 from .checkpoint import ReleasePaths, resolve_release
 from .context import LanceContext, Turn
 from .devices import resolve_device, resolve_dtype
-from .errors import InputError
+from .errors import Cancelled, InputError, OutOfMemory
+from .interrupt import cancel_hooks
+from .memory import HINT, Estimate, kv_cache_bytes, forward_activation_bytes, module_bytes, vae_decode_bytes, vae_encode_bytes
+from .validation import (batch_seeds, require_bool, require_callable, require_choice, require_finite_tensor,
+                         require_float, require_int, require_seed)
 from .generation import (GenerationInputs, LatentGrid, edit_sequence, initial_noise, run_generation,
                          text_to_visual_sequence, tokens_to_video, video_to_tokens)
 from .inputs import as_frames, latent_frames, optional_text, require_text, round_size, unit_frames
 from .loader import load_llm
 from .media import preset_sides, vae_pixels, vit_pixels
 from .ops import TorchOps
-from .sampler import GuidanceOptions, SamplerOptions, StepInfo
+from .sampler import RENORM_TYPES, UNCOND_POSITIONS, GuidanceOptions, SamplerOptions, StepInfo, flow_timesteps
 from .templates import IMAGE_QUESTION_SYSTEM, VIDEO_QUESTION_SYSTEM, Text
 from .tokenizer import LanceTokenizer
 from .understanding import SamplingOptions, decode, prompt_embeddings, understanding_sequence
@@ -37,6 +44,9 @@ from .vit import LanceViT, load_vit
 
 log = logging.getLogger(__name__)
 MEMORY_MODES = ("resident", "offload")
+MAX_STEPS = 1000
+MAX_BATCH = 64
+MAX_NEW_TOKENS = 16384   # the KV cache is preallocated for prompt + max_new_tokens
 ENHANCE_INSTRUCTION = (
     "You write prompts for a text-to-{kind} model. Rewrite the user's short prompt into one detailed paragraph: "
     "the main subject, its appearance, colors, materials, the setting and background, lighting, composition{motion}. "
@@ -72,13 +82,35 @@ class GenerationSettings:
         if unknown:
             raise InputError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
         settings = cls(**kwargs)
-        if not isinstance(settings.batch_size, int) or not 1 <= settings.batch_size <= 64:
-            raise InputError(f"batch_size must be an integer in 1..64, got {settings.batch_size!r}")
-        if settings.euler_state not in ("fp32", "bf16"):
-            raise InputError(f"euler_state must be 'fp32' or 'bf16', got {settings.euler_state!r}")
-        if settings.condition_sampling not in ("mean", "reference"):
-            raise InputError(f"condition_sampling must be 'mean' or 'reference', got {settings.condition_sampling!r}")
+        settings.validate()
         return settings
+
+    def validate(self) -> None:
+        """Type and range of every option (InputError naming it). Seeds are 0..2^64-1; a batch uses seed, seed+1,
+        ... wrapping modulo 2^64."""
+        require_int(self.steps, "steps", 1, MAX_STEPS)
+        require_float(self.shift, "shift", above=0.0, maximum=1000.0)
+        require_float(self.cfg_scale, "cfg_scale", minimum=1.0, maximum=1000.0)
+        if not isinstance(self.cfg_interval, (tuple, list)) or len(self.cfg_interval) != 2:
+            raise InputError(f"cfg_interval must be a pair (low, high) of numbers in 0..1, got {self.cfg_interval!r}")
+        low = require_float(self.cfg_interval[0], "cfg_interval[0]", 0.0, 1.0)
+        high = require_float(self.cfg_interval[1], "cfg_interval[1]", 0.0, 1.0)
+        if low > high:
+            raise InputError(f"cfg_interval must satisfy low <= high, got {tuple(self.cfg_interval)}")
+        require_choice(self.cfg_renorm, "cfg_renorm", RENORM_TYPES)
+        require_float(self.cfg_renorm_min, "cfg_renorm_min", 0.0, 1.0)
+        require_seed(self.seed, "seed")
+        require_int(self.batch_size, "batch_size", 1, MAX_BATCH)
+        if self.batched_cfg is not None:
+            require_bool(self.batched_cfg, "batched_cfg")
+        require_choice(self.uncond_positions, "uncond_positions", UNCOND_POSITIONS)
+        require_choice(self.condition_sampling, "condition_sampling", ("mean", "reference"))
+        require_choice(self.euler_state, "euler_state", ("fp32", "bf16"))
+        require_bool(self.include_history, "include_history")
+        require_bool(self.decode, "decode")
+        require_callable(self.on_step, "on_step")
+        require_callable(self.cancel, "cancel")
+        _check_context(self.context)
 
     def sampler_options(self) -> SamplerOptions:
         guidance = GuidanceOptions(float(self.cfg_scale), tuple(self.cfg_interval), self.cfg_renorm,
@@ -106,10 +138,33 @@ class UnderstandingResult:
     context: LanceContext
 
 
+def _task(method):
+    """A public task: one call at a time per pipeline (the VAE's frame cache and the modules' device moves are
+    shared state), and a torch out-of-memory error becomes `OutOfMemory` after what the call held is freed."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            except torch.OutOfMemoryError as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+            except BaseException:
+                self._release_scratch()
+                raise
+            # outside the except block: the torch error's traceback (and the tensors its frames hold) is gone
+            self._release_scratch()
+            raise OutOfMemory(f"{method.__name__} ran out of memory on {self.device} ({detail}); {HINT}. "
+                              "The model is still loaded and usable.")
+    return run
+
+
 class LancePipeline(nn.Module):
     def __init__(self, paths: ReleasePaths, llm: nn.Module, tokenizer: LanceTokenizer, vit: LanceViT, vae: LanceVAE,
-                 memory: str = "resident", execution_device: torch.device | None = None):
+                 memory: str = "resident", execution_device: torch.device | None = None,
+                 file_state: dict | None = None):
         super().__init__()
+        self._lock = threading.RLock()
+        self._file_state = file_state if file_state is not None else paths.snapshot()
         self.paths, self.tokenizer = paths, tokenizer
         self.llm = llm
         self.vit_model, self.vae_model = vit.module, vae.module  # registered so .to()/state_dict see them
@@ -136,6 +191,37 @@ class LancePipeline(nn.Module):
     def device(self) -> torch.device:
         return self.execution_device
 
+    def changed_files(self) -> list[str]:
+        """Files of the release folder that were replaced, rewritten, truncated or removed since this pipeline was
+        loaded (size, mtime or inode differ). The loaded weights are private copies, so runs stay safe; a host
+        that wants the new files should load again."""
+        now = self.paths.snapshot()
+        return [path for path, state in self._file_state.items() if now.get(path) != state]
+
+    def _release_scratch(self) -> None:
+        """After a failed or cancelled call: drop the VAE's frame cache and unreferenced tensors."""
+        self.vae_model.clear_cache()
+        gc.collect()
+        if self.execution_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _llm_cancel_points(self, cancel):
+        layers = self.llm.language_model.model.layers
+        return cancel_hooks([(f"LLM layer {i}", layer) for i, layer in enumerate(layers)], cancel)
+
+    def _vae_cancel_points(self, cancel):
+        """The Wan VAE calls its decoder once per latent frame and its encoder once per chunk of frames."""
+        module = self.vae_model
+        return cancel_hooks([("VAE decode", module.decoder), ("VAE encode", module.encoder)], cancel)
+
+    def _vit_cancel_points(self, cancel):
+        return cancel_hooks([(f"ViT block {i}", block) for i, block in enumerate(self.vit_model.blocks)], cancel)
+
+    def _stage_weights(self, module: nn.Module) -> int:
+        """Bytes a stage's weights add on the device while it runs (offload mode), else 0."""
+        if self.memory != "offload" or _on_device(module, self.execution_device):
+            return 0
+        return module_bytes(module)
     @contextlib.contextmanager
     def _use(self, module: nn.Module):
         """A stage's module runs on the execution device. In offload mode it visits only while it runs. In
@@ -156,6 +242,7 @@ class LancePipeline(nn.Module):
                 torch.cuda.empty_cache()
 
     # -- generation: prepare ----------------------------------------------------------------------------
+    @_task
     def prepare_text_to_image(self, prompt: str, width: int = 768, height: int = 768,
                               negative_prompt: str = "") -> GenerationInputs:
         grid = LatentGrid(1, *self._latent_size(height, width))
@@ -163,6 +250,7 @@ class LancePipeline(nn.Module):
         return GenerationInputs(sequence(require_text(prompt, "prompt")), grid,
                                 negative_seq=_negative_sequence(negative_prompt, sequence))
 
+    @_task
     def prepare_text_to_video(self, prompt: str, width: int = 848, height: int = 480, num_frames: int = 61,
                               start_image=None, resolution: str = "video_480p",
                               settings: GenerationSettings | None = None, negative_prompt: str = "") -> GenerationInputs:
@@ -182,9 +270,11 @@ class LancePipeline(nn.Module):
         return GenerationInputs(sequence(prompt), grid, first_frame=first,
                                 negative_seq=_negative_sequence(negative_prompt, sequence))
 
+    @_task
     def prepare_edit(self, media, instruction: str, *, video: bool, resolution: str, fps: float | None = None,
                      settings: GenerationSettings | None = None, negative_prompt: str = "") -> GenerationInputs:
         settings = settings or GenerationSettings()
+        require_bool(video, "video")
         instruction = require_text(instruction, "instruction")
         frames = self._source_frames(media, video, fps, settings.context)
         vae_side, vit_side = preset_sides(resolution)
@@ -192,7 +282,7 @@ class LancePipeline(nn.Module):
         grid = LatentGrid(*source.shape[2:])
         self._check_latent_size(grid.height, grid.width, f"the {resolution} bucket of this source")
         vit_px = vit_pixels(frames, vit_side)
-        with self._use(self.vit_model):
+        with self._use(self.vit_model), self._vit_cancel_points(settings.cancel):
             vit_embeds = self.vit.embed(vit_px)
         _, vit_grid = self.vit.patchify(vit_px)
         history = self._history(settings.context, settings.include_history)
@@ -201,23 +291,65 @@ class LancePipeline(nn.Module):
                                 negative_seq=_negative_sequence(negative_prompt, sequence))
 
     # -- generation: run --------------------------------------------------------------------------------
+    @_task
     def generate(self, task: str, request: str, inputs: GenerationInputs, settings: GenerationSettings,
                  noise: torch.Tensor | None = None, observer: Callable[[StepInfo], None] | None = None) -> GenerationResult:
         """Sample (seeds seed..seed+B-1 unless `noise` [B, N, C] is given), decode and extend the context."""
+        if not isinstance(settings, GenerationSettings):
+            raise InputError(f"settings must be GenerationSettings, got {type(settings).__name__}")
+        if not isinstance(inputs, GenerationInputs):
+            raise InputError(f"inputs must come from a prepare_* method, got {type(inputs).__name__}")
+        settings.validate()
+        require_callable(observer, "observer")
         if settings.context is not None:
             settings.context.check_model(self.model_id)
         options = settings.sampler_options()
         if noise is None:
-            seeds = [settings.seed + i for i in range(settings.batch_size)]
-            noise = initial_noise(inputs, seeds, self.config.constants.latent_channels)
-        with self._use(self.llm):
+            noise = initial_noise(inputs, batch_seeds(settings.seed, settings.batch_size),
+                                  self.config.constants.latent_channels)
+        else:
+            self._check_noise(noise, inputs)
+        self._generation_estimate(inputs, options, noise.shape[0], settings.decode).check(self.device)
+        with self._use(self.llm), self._llm_cancel_points(settings.cancel):
             tokens = run_generation(self.llm, inputs, options, noise, self._step_hook(inputs.target, settings, observer),
                                     settings.cancel)
         latents = tokens_to_video(tokens.cpu(), inputs.target)
-        frames = self.decode_latents(latents) if settings.decode else None
+        frames = self.decode_latents(latents, cancel=settings.cancel) if settings.decode else None
         context = (settings.context or LanceContext(self.model_id)).append(
             Turn(task, request, media=frames[0] if frames is not None else None))
         return GenerationResult(latents, self.vae.denormalize(latents).cpu(), frames, context)
+
+    def _check_noise(self, noise, inputs: GenerationInputs) -> None:
+        require_finite_tensor(noise, "noise")
+        channels = self.config.constants.latent_channels
+        if noise.dim() != 3 or noise.shape[1:] != (inputs.target.tokens, channels) or not 1 <= noise.shape[0] <= MAX_BATCH:
+            raise InputError(f"noise must be [B, {inputs.target.tokens}, {channels}] with B in 1..{MAX_BATCH}, "
+                             f"got shape {tuple(noise.shape)}")
+
+    def _generation_estimate(self, inputs: GenerationInputs, options: SamplerOptions, batch: int,
+                             decode: bool) -> Estimate:
+        """Lower-bound bytes of the sampling stage (KV cache of both CFG branches + the largest forward) and of
+        the decode stage."""
+        cfg, seq = self.config, inputs.seq
+        target = seq.target_split
+        guided = any(options.guidance.active(float(t)) for t in flow_timesteps(options.steps, options.shift)[:-1])
+        rows = batch * (2 if guided else 1)
+        longest_prefill = max((s.length for s in seq.splits if s.end <= target.start), default=0)
+        estimate = Estimate()
+        estimate.add("sampling", "KV cache", kv_cache_bytes(cfg, rows, target.start + target.length, self.dtype))
+        estimate.add("sampling", "activations",
+                     forward_activation_bytes(cfg, max(longest_prefill, batch * target.length), self.dtype))
+        estimate.add("sampling", "LLM weights", self._stage_weights(self.llm))
+        if decode:
+            self._add_decode(estimate, inputs.target.frames, inputs.target.height, inputs.target.width, batch)
+        return estimate
+
+    def _add_decode(self, estimate: Estimate, frames: int, height: int, width: int, batch: int) -> None:
+        c = self.config.constants
+        estimate.add("VAE decode", "VAE working set and output", vae_decode_bytes(
+            int(self.vae_model.config.decoder_base_dim), c.vae_temporal_factor * (frames - 1) + 1,
+            height * c.vae_spatial_factor, width * c.vae_spatial_factor, batch, self.vae.dtype, self.vae.tiling_enabled))
+        estimate.add("VAE decode", "VAE weights", self._stage_weights(self.vae_model))
 
     def _step_hook(self, grid: LatentGrid, settings: GenerationSettings, observer):
         if settings.on_step is None and observer is None:
@@ -231,11 +363,13 @@ class LancePipeline(nn.Module):
         return hook
 
     # -- generation: one call per task ------------------------------------------------------------------
+    @_task
     def text_to_image(self, prompt: str, *, width: int = 768, height: int = 768, **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
         inputs = self.prepare_text_to_image(self._with_history(prompt, settings), width, height, settings.negative_prompt)
         return self.generate("t2i", prompt, inputs, settings)
 
+    @_task
     def text_to_video(self, prompt: str, *, width: int = 848, height: int = 480, num_frames: int = 61,
                       start_image=None, resolution: str = "video_480p", **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
@@ -243,12 +377,14 @@ class LancePipeline(nn.Module):
                                             start_image, resolution, settings, settings.negative_prompt)
         return self.generate("i2v" if start_image is not None else "t2v", prompt, inputs, settings)
 
+    @_task
     def edit_image(self, image, instruction: str, *, resolution: str = "image_768res", **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
         inputs = self.prepare_edit(image, instruction, video=False, resolution=resolution, settings=settings,
                                    negative_prompt=settings.negative_prompt)
         return self.generate("image_edit", instruction, inputs, settings)
 
+    @_task
     def edit_video(self, video, instruction: str, *, resolution: str = "video_480p", fps: float | None = None,
                    **options) -> GenerationResult:
         settings = GenerationSettings.from_kwargs(options)
@@ -256,15 +392,34 @@ class LancePipeline(nn.Module):
                                    negative_prompt=settings.negative_prompt)
         return self.generate("video_edit", instruction, inputs, settings)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32)."""
-        if latents.dim() != 5 or latents.shape[1] != self.vae.z_dim:
-            raise InputError(f"latents must be [B, {self.vae.z_dim}, t, h, w], got shape {tuple(latents.shape)}")
-        with self._use(self.vae_model), torch.inference_mode():
+    @_task
+    def decode_latents(self, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32). At most the model's
+        latent size per side and latent frames; `cancel` is polled before every latent frame."""
+        self._check_latents(latents, "latents")
+        require_callable(cancel, "cancel")
+        estimate = Estimate()
+        self._add_decode(estimate, *latents.shape[2:], latents.shape[0])
+        estimate.check(self.device)
+        with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
             pixels = self.vae.decode(latents)
         return ((pixels.cpu() + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()
 
+    def _check_latents(self, latents, what: str) -> None:
+        c = self.config.constants
+        require_finite_tensor(latents, what)
+        shape = tuple(latents.shape)
+        if latents.dim() != 5 or shape[1] != self.vae.z_dim:
+            raise InputError(f"{what} must be [B, {self.vae.z_dim}, t, h, w], got shape {shape}")
+        b, _, t, h, w = shape
+        if not (1 <= b <= MAX_BATCH and 1 <= t <= c.max_latent_frames and 1 <= h <= c.max_latent_size
+                and 1 <= w <= c.max_latent_size):
+            raise InputError(f"{what} of shape {shape} is outside what the model supports: batch 1..{MAX_BATCH}, "
+                             f"1..{c.max_latent_frames} latent frames ({c.max_num_frames} video frames) and "
+                             f"1..{c.max_latent_size} latent rows/columns ({c.max_latent_size * c.vae_spatial_factor} px)")
+
     # -- understanding ----------------------------------------------------------------------------------
+    @_task
     def understand(self, media, question: str, *, instruction: str | None = None, resolution: str | None = None,
                    max_new_tokens: int = 256, sampling: SamplingOptions | None = None,
                    on_token: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None,
@@ -272,8 +427,12 @@ class LancePipeline(nn.Module):
                    include_history: bool = False, stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
         """Answer `question` about an image/video (or the context's last media). Decoding stops at <|im_end|>
         or any of `stop_tokens` (token strings of the vocabulary, e.g. "<|endoftext|>")."""
+        _check_context(context)
         if context is not None:
             context.check_model(self.model_id)
+        require_bool(include_history, "include_history")
+        require_callable(cancel, "cancel")
+        require_callable(on_token, "on_token")
         question = optional_text(question, "question")
         if media is None and context is not None:
             media = context.last_media()
@@ -283,7 +442,7 @@ class LancePipeline(nn.Module):
         if frames is not None:
             vit_side = preset_sides(resolution or ("video_480p" if is_video else "image_768res"))[1]
             vit_px = vit_pixels(frames, vit_side)
-            with self._use(self.vit_model):
+            with self._use(self.vit_model), self._vit_cancel_points(cancel):
                 vit_embeds = [self.vit.embed(vit_px)]
             vit_grid = self.vit.patchify(vit_px)[1]
         elif not question:
@@ -297,11 +456,12 @@ class LancePipeline(nn.Module):
                     unit_frames(frames) if frames is not None else None)
         return UnderstandingResult(result[0], result[1], result[2], (context or LanceContext(self.model_id)).append(turn))
 
+    @_task
     def enhance_prompt(self, prompt: str, *, target: str = "image", max_new_tokens: int = 256,
                        sampling: SamplingOptions | None = None, cancel: Callable[[], bool] | None = None) -> str:
         """Rewrite a short prompt into a detailed one with Lance's own understanding expert (no external service)."""
-        if target not in ("image", "video"):
-            raise InputError(f"target must be 'image' or 'video', got {target!r}")
+        require_choice(target, "target", ("image", "video"))
+        require_callable(cancel, "cancel")
         prompt = require_text(prompt, "prompt")
         motion = ", and the motion of subjects and camera over time" if target == "video" else ""
         instruction = ENHANCE_INSTRUCTION.format(kind=target, motion=motion)
@@ -310,6 +470,7 @@ class LancePipeline(nn.Module):
         return text or prompt
 
     def _decode_text(self, seq, vit_embeds, max_new_tokens, sampling, on_token, cancel, stop_tokens=()):
+        self._check_decode_request(seq, max_new_tokens, sampling, stop_tokens)
         stop = self.tokenizer.special.im_end
         stop_ids = {stop} | {self.tokenizer.token_id(token, "stop_tokens") for token in stop_tokens}
         emitted: list[int] = []
@@ -318,12 +479,30 @@ class LancePipeline(nn.Module):
             emitted.append(token)
             if on_token is not None:
                 on_token(self.tokenizer.decode([t for t in emitted if t not in stop_ids]))
-        with self._use(self.llm):
+        with self._use(self.llm), self._llm_cancel_points(cancel):
             out = decode(self.llm, seq, prompt_embeddings(self.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids, vocab_limit=self.tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
                          on_token=token_hook, cancel=cancel)
         text = self.tokenizer.decode([t for t in out.ids if t not in stop_ids]).strip()
         return text, out.ids, out.logits
+
+    def _check_decode_request(self, seq, max_new_tokens, sampling, stop_tokens) -> None:
+        """Bounded token budget (the KV cache is preallocated for all of it) that fits the model's positions and
+        the device's memory."""
+        require_int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+        prompt_len = len(seq)
+        limit = self.config.max_positions
+        if limit is not None and prompt_len + max_new_tokens > limit:
+            raise InputError(f"max_new_tokens {max_new_tokens} + the prompt's {prompt_len} tokens exceed the model's "
+                             f"{limit} positions (max_position_embeddings)")
+        if sampling is not None and not isinstance(sampling, SamplingOptions):
+            raise InputError(f"sampling must be SamplingOptions or None, got {type(sampling).__name__}")
+        if not isinstance(stop_tokens, (tuple, list)):
+            raise InputError(f"stop_tokens must be a tuple of token strings, got {type(stop_tokens).__name__}")
+        longest = max((s.length for s in seq.splits), default=prompt_len)
+        Estimate().add("text decoding", "KV cache", kv_cache_bytes(self.config, 1, prompt_len + max_new_tokens, self.dtype)) \
+            .add("text decoding", "activations", forward_activation_bytes(self.config, longest, self.dtype)) \
+            .add("text decoding", "LLM weights", self._stage_weights(self.llm)).check(self.device)
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
@@ -357,7 +536,12 @@ class LancePipeline(nn.Module):
 
     def _encode_condition(self, pixels: torch.Tensor, settings: GenerationSettings | None) -> torch.Tensor:
         """Pixels [3, T, H, W] -> normalized condition latent [1, C, t, h, w] (mean, or the reference sample)."""
-        with self._use(self.vae_model), torch.inference_mode():
+        frames, height, width = pixels.shape[1:]
+        Estimate().add("VAE encode", "VAE working set", vae_encode_bytes(
+            int(self.vae_model.config.base_dim), frames, height, width, self.vae.dtype, self.vae.tiling_enabled)) \
+            .add("VAE encode", "VAE weights", self._stage_weights(self.vae_model)).check(self.device)
+        cancel = settings.cancel if settings is not None else None
+        with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
             mu, logvar = self.vae.encode(pixels.unsqueeze(0))
         if settings is not None and settings.condition_sampling == "reference":
             generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -375,6 +559,11 @@ class LancePipeline(nn.Module):
         """t2i/t2v have no user-turn slot besides the caption: earlier turns are prepended to it."""
         lines = [t.text for t in self._history(settings.context, settings.include_history)]
         return "".join(lines) + prompt if lines and isinstance(prompt, str) else prompt
+
+
+def _check_context(context) -> None:
+    if context is not None and not isinstance(context, LanceContext):
+        raise InputError(f"context must be a LanceContext from this library, got {type(context).__name__}")
 
 
 def _negative_sequence(negative_prompt, sequence):
@@ -409,6 +598,7 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     if vit_weights not in ("vit", "lance"):
         raise InputError(f"vit_weights must be 'vit' or 'lance', got {vit_weights!r}")
     paths = resolve_release(root, variant)
+    file_state = paths.snapshot()   # before reading: a file replaced during the load counts as changed
     execution_device = resolve_device(device)
     dtype = resolve_dtype(dtype, execution_device)
     load_device = torch.device("cpu") if memory == "offload" else execution_device
@@ -426,4 +616,4 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
-    return LancePipeline(paths, llm, tokenizer, vit, vae, memory, execution_device)
+    return LancePipeline(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state)
