@@ -435,3 +435,21 @@ def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, g
         assert first is not second, "with hook patches the prefix is rebuilt for every call"
     finally:
         base.current_patcher = None
+
+
+def test_native_prefix_cache_lives_for_one_run(native, tiny_model, golden):
+    """Built during sampling (one prefill per branch), dropped when core's run ends (ModelPatcher.cleanup)."""
+    import comfy.patcher_extension
+    velocity = tiny_model.patcher.model.diffusion_model.velocity
+    seen = []
+
+    def probe(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append((velocity._cache is not None, velocity.prefills))
+        return out
+    model = core_model(native, tiny_model, golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])).clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_probe", probe)
+    t2i_run(native, tiny_model, golden, model=model, steps=3)
+    assert len(seen) == 3 and all(built for built, _ in seen)
+    assert seen[-1][1] == 2, "one prefill per branch (cond, uncond) for the whole run"
+    assert velocity._cache is None
