@@ -31,12 +31,19 @@ def core(comfy):
     return module
 
 
+class _Holder(torch.nn.Module):
+    """A module holding a loaded pipeline, as the pack hands one to the patcher."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.pipe = pipe
+
+
 def _tiny_module(compat):
-    from lance_nodes.runtime import _PipeHolder
     from lance_model import load_lance
     pipe = load_lance(GOLDEN_DIR / "checkpoint", dtype="fp32", device=str(compat.load_device()),
                       operations=compat.manual_cast_ops())
-    return _PipeHolder(pipe)
+    return _Holder(pipe)
 
 
 def _weights(module):
