@@ -9,31 +9,29 @@
 # is noise) unless LANCE_MODEL names a release folder.
 #
 # Environment: LANCE_PYTHON (use this interpreter, install nothing), LANCE_BASE_PYTHON (interpreter that creates
-# .venv, default python3), LANCE_TORCH (pip requirement for torch, default torch==2.13.0+cpu without a GPU,
-# torch==2.13.0 with one), LANCE_MODEL (demo model folder).
+# .venv, default python3), LANCE_TORCH (pip requirement for torch, default torch==2.13.0: the CPU build from
+# PyTorch's CPU index without an NVIDIA GPU, PyPI's CUDA build with one), LANCE_TORCH_INDEX
+# (the CPU index), LANCE_MODEL (demo model folder).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$REPO/.venv
 TORCH_VERSION=2.13.0
-CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+CPU_TORCH_INDEX=${LANCE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 
 log() { echo "[dev] $*" >&2; }
 
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
-torch_requirement() {
-    if [ -n "${LANCE_TORCH:-}" ]; then echo "$LANCE_TORCH"
-    elif has_nvidia_gpu; then echo "torch==$TORCH_VERSION"
-    else echo "torch==$TORCH_VERSION+cpu"
-    fi
-}
+torch_build() { if has_nvidia_gpu; then echo cuda; else echo cpu; fi; }
 
-install_torch() {  # the CPU build: from a local wheel folder/mirror when pip has one, else PyTorch's CPU index
-    local requirement=$1 pip=("$VENV/bin/python" -m pip install --no-input --progress-bar off)
-    case "$requirement" in
-        *+cpu*) "${pip[@]}" "$requirement" 2>/dev/null || "${pip[@]}" --index-url "$CPU_TORCH_INDEX" "$requirement" ;;
-        *) "${pip[@]}" "$requirement" ;;
-    esac
+install_torch() {  # $1 requirement, $2 build. CPU: the +cpu wheel (PyTorch's CPU index, or a local wheel folder
+    # that pip is configured with; an unreachable index is given up at once) ranks above PyPI's CUDA build
+    local pip=("$PY" -m pip install --no-input --progress-bar off "$1")
+    if [ "$2" = cpu ]; then
+        "${pip[@]}" --extra-index-url "$CPU_TORCH_INDEX" --retries 0 --timeout 20
+    else
+        "${pip[@]}"
+    fi
 }
 
 ensure_env() {
@@ -42,24 +40,33 @@ ensure_env() {
         PY=$LANCE_PYTHON
         return
     fi
-    local base=${LANCE_BASE_PYTHON:-python3} torch stamp
+    local base=${LANCE_BASE_PYTHON:-python3} torch build stamp
     command -v "$base" >/dev/null 2>&1 || { log "$base not found: install Python >= 3.10 or set LANCE_BASE_PYTHON"; exit 1; }
     "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { log "$base is older than Python 3.10"; exit 1; }
-    torch=$(torch_requirement)
-    stamp=$( { "$base" -c 'import sys; print(sys.version)'; echo "$torch"; cat "$REPO/pyproject.toml" "$REPO/requirements.txt"; } \
+    torch=${LANCE_TORCH:-torch==$TORCH_VERSION}
+    build=$(torch_build)
+    stamp=$( { "$base" -c 'import sys; print(sys.version)'; echo "$torch $build"; cat "$REPO/pyproject.toml" "$REPO/requirements.txt"; } \
              | sha256sum | cut -d' ' -f1)
     PY=$VENV/bin/python
     if [ -x "$PY" ] && [ "$(cat "$VENV/.lance-stamp" 2>/dev/null)" = "$stamp" ]; then
         return
     fi
     local started=$SECONDS
-    log "setting up $VENV ($torch; pip log: $VENV/pip.log)"
+    log "setting up $VENV ($torch, $build build; pip log: $VENV/pip.log)"
     rm -rf "$VENV"
     "$base" -m venv "$VENV"
-    {
-        install_torch "$torch"
-        "$PY" -m pip install --no-input --progress-bar off -e "$REPO[test]"
-    } > "$VENV/pip.log" 2>&1 || { tail -n 40 "$VENV/pip.log" >&2; log "pip failed; full log: $VENV/pip.log"; exit 1; }
+    if ! { install_torch "$torch" "$build" && "$PY" -m pip install --no-input --progress-bar off -e "$REPO[test]"; } \
+            > "$VENV/pip.log" 2>&1; then
+        tail -n 40 "$VENV/pip.log" >&2
+        log "pip failed; full log: $VENV/pip.log"
+        exit 1
+    fi
+    local cuda
+    cuda=$("$PY" -c 'import torch; print(torch.version.cuda or "")')
+    log "torch $("$PY" -c 'import torch; print(torch.__version__)')"
+    if [ "$build" = cpu ] && [ -n "$cuda" ]; then
+        log "note: no CPU torch was reachable ($CPU_TORCH_INDEX), so pip took PyPI's CUDA build (it runs on CPU too)"
+    fi
     echo "$stamp" > "$VENV/.lance-stamp"
     log "environment ready in $((SECONDS - started)) s"
 }
