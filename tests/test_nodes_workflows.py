@@ -139,7 +139,7 @@ def test_no_absolute_paths_or_links_outside_repo():
         text = path.read_text()
         assert "/work/" not in text and "/tmp/" not in text and "shared/golden" not in text, path
     for path in REPO_ROOT.rglob("*"):
-        if ".git" in path.parts:
+        if ".git" in path.parts or ".venv" in path.parts:   # .venv: tools/dev.sh's environment, not committed
             continue
         if path.is_symlink():
             assert path.resolve().is_relative_to(REPO_ROOT), f"committed symlink points outside the repo: {path}"
