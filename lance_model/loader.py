@@ -47,11 +47,17 @@ def check_llm_size(cfg: LLMConfig, paths: ReleasePaths, found: dict[str, tuple[i
         check_elements(paths.llm_config, SIZE_FIELDS, expected, paths.llm_weights, in_file, shapes, found)
 
 
-def load_llm(paths: ReleasePaths, dtype: torch.dtype, device: torch.device, ops=TorchOps,
-             attention: Attention | None = None) -> LanceLLM:
+def check_llm_files(paths: ReleasePaths, ops=TorchOps) -> tuple[LLMConfig, dict[str, tuple[int, ...]]]:
+    """Config fields and their agreement with the weight header; reads no weights."""
     cfg = LLMConfig.from_file(paths.llm_config)
     found = safetensors_keys(paths.llm_weights)
     check_llm_size(cfg, paths, found, ops)
+    return cfg, found
+
+
+def load_llm(paths: ReleasePaths, dtype: torch.dtype, device: torch.device, ops=TorchOps,
+             attention: Attention | None = None) -> LanceLLM:
+    cfg, found = check_llm_files(paths, ops)
     with torch.device("meta"):
         llm = LanceLLM(cfg, ops, attention)
     expected = {key: tuple(t.shape) for key, t in llm.state_dict().items()}

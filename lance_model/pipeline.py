@@ -32,7 +32,7 @@ from .validation import (batch_seeds, require_bool, require_callable, require_ch
 from .generation import (GenerationInputs, LatentGrid, edit_sequence, initial_noise, run_generation,
                          text_to_visual_sequence, tokens_to_video, video_to_tokens)
 from .inputs import as_frames, latent_frames, optional_text, require_text, round_size, unit_frames
-from .loader import load_llm
+from .loader import check_llm_files, load_llm
 from .media import preset_sides, vae_pixels, vit_pixels
 from .ops import TorchOps
 from .sampler import RENORM_TYPES, UNCOND_POSITIONS, GuidanceOptions, SamplerOptions, StepInfo, flow_timesteps
@@ -40,7 +40,7 @@ from .templates import IMAGE_QUESTION_SYSTEM, VIDEO_QUESTION_SYSTEM, Text
 from .tokenizer import LanceTokenizer
 from .understanding import SamplingOptions, decode, prompt_embeddings, understanding_sequence
 from .vae import LanceVAE, load_vae
-from .vit import LanceViT, load_vit
+from .vit import LanceViT, check_vit_files, load_vit
 
 log = logging.getLogger(__name__)
 MEMORY_MODES = ("resident", "offload")
@@ -159,6 +159,12 @@ def _task(method):
 
 
 class LancePipeline(nn.Module):
+    """One loaded Lance. Safe to share between threads: the public task methods run one at a time (calls from
+    other threads wait). Inputs are checked before work starts (InputError naming the argument; OutOfMemory when
+    a request cannot fit); `cancel` callables are polled inside every long loop; after Cancelled or OutOfMemory the
+    pipeline stays usable. The weights are private copies: `changed_files()` tells a host whether the release
+    files changed since the load."""
+
     def __init__(self, paths: ReleasePaths, llm: nn.Module, tokenizer: LanceTokenizer, vit: LanceViT, vae: LanceVAE,
                  memory: str = "resident", execution_device: torch.device | None = None,
                  file_state: dict | None = None):
@@ -407,7 +413,8 @@ class LancePipeline(nn.Module):
 
     def _check_latents(self, latents, what: str) -> None:
         c = self.config.constants
-        require_finite_tensor(latents, what)
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"{what} must be a torch tensor, got {type(latents).__name__}")
         shape = tuple(latents.shape)
         if latents.dim() != 5 or shape[1] != self.vae.z_dim:
             raise InputError(f"{what} must be [B, {self.vae.z_dim}, t, h, w], got shape {shape}")
@@ -417,6 +424,14 @@ class LancePipeline(nn.Module):
             raise InputError(f"{what} of shape {shape} is outside what the model supports: batch 1..{MAX_BATCH}, "
                              f"1..{c.max_latent_frames} latent frames ({c.max_num_frames} video frames) and "
                              f"1..{c.max_latent_size} latent rows/columns ({c.max_latent_size * c.vae_spatial_factor} px)")
+        require_finite_tensor(latents, what)  # after the size check: a huge tensor is refused before it is scanned
+
+    @_task
+    def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3]; checked like
+        decode_latents before anything is computed from them."""
+        self._check_latents(samples, "samples")
+        return self.decode_latents(self.vae.normalize(samples), cancel=cancel)
 
     # -- understanding ----------------------------------------------------------------------------------
     @_task
@@ -602,10 +617,13 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     execution_device = resolve_device(device)
     dtype = resolve_dtype(dtype, execution_device)
     load_device = torch.device("cpu") if memory == "offload" else execution_device
+    # all configs against their weight headers first: a broken ViT config must not wait for the LLM to load
+    lance_vit = paths.llm_weights if vit_weights == "lance" else None
+    check_llm_files(paths, operations or TorchOps)
+    check_vit_files(paths.vit_config.parent, lance_vit)
     llm = load_llm(paths, dtype, load_device, operations or TorchOps, Attention(attention))
     tokenizer = LanceTokenizer(paths.lance_dir, llm.config)
-    vit = load_vit(paths.vit_config.parent, dtype, load_device,
-                   lance_weights=paths.llm_weights if vit_weights == "lance" else None)
+    vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
     vae = load_vae(paths.vae_weights, dtype, load_device)

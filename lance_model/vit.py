@@ -165,6 +165,21 @@ def _check_vit_size(config: Qwen2_5_VLVisionConfig, config_path: Path, weights_p
         check_elements(config_path, SIZE_FIELDS, expected, weights_path, in_file, shapes, found)
 
 
+def check_vit_files(vit_source, lance_weights: str | Path | None = None):
+    """Config fields and their agreement with the weight header; reads no weights.
+    Returns (config, weights file, key prefix in it, key -> shape without the prefix)."""
+    config_path, weights_path = _resolve_sources(vit_source)
+    prefix = ""
+    if lance_weights is not None:
+        weights_path, prefix = Path(lance_weights).expanduser(), LANCE_VIT_PREFIX
+        if not weights_path.is_file():
+            raise CheckpointError(f"Lance weights not found: {weights_path}")
+    config = load_vit_config(config_path)
+    found = {key[len(prefix):]: shape for key, shape in safetensors_keys(weights_path).items() if key.startswith(prefix)}
+    _check_vit_size(config, config_path, weights_path, found)
+    return config, weights_path, prefix, found
+
+
 def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu", *, lance_weights: str | Path | None = None) -> LanceViT:
     """Build the vision tower from `Qwen2.5-VL-ViT/config.json` and stream its weights into dtype/device.
@@ -175,15 +190,7 @@ def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torc
         third party reports vit.safetensors reproduces upstream outputs). Default: vit.safetensors. In the tiny
         golden checkpoint both sets are bit-identical, so either reproduces `vit/embeds`.
     """
-    config_path, weights_path = _resolve_sources(vit_source)
-    prefix = ""
-    if lance_weights is not None:
-        weights_path, prefix = Path(lance_weights).expanduser(), LANCE_VIT_PREFIX
-        if not weights_path.is_file():
-            raise CheckpointError(f"Lance weights not found: {weights_path}")
-    config = load_vit_config(config_path)
-    found = {key[len(prefix):]: shape for key, shape in safetensors_keys(weights_path).items() if key.startswith(prefix)}
-    _check_vit_size(config, config_path, weights_path, found)
+    config, weights_path, prefix, found = check_vit_files(vit_source, lance_weights)
     with torch.device("meta"):
         module = Qwen2_5_VisionTransformerPretrainedModel(config)
     expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}

@@ -566,3 +566,22 @@ def test_out_of_memory_is_clear_and_the_model_stays_usable(pipe, case, module, c
     assert error.value.__context__ is None and error.value.__cause__ is None  # the failed call's frames are released
     assert not pipe.vae_model._feat_map or all(f is None for f in pipe.vae_model._feat_map)
     assert torch.equal(call(pipe), reference)
+
+
+def test_decode_raw_latents_checks_before_normalizing(pipe):
+    c = pipe.config.constants.latent_channels
+    with pytest.raises(InputError, match=r"samples of shape \(1, \d+, 1, 4096, 4096\) is outside what the model supports"):
+        pipe.decode_raw_latents(torch.zeros(1, c, 1, 1, 1).expand(1, c, 1, 4096, 4096))
+    with pytest.raises(InputError, match=r"samples contains NaN"):
+        pipe.decode_raw_latents(torch.full((1, c, 1, 4, 4), NAN))
+    result = pipe.text_to_image("a red cat", seed=2, **SMALL)
+    assert torch.allclose(pipe.decode_raw_latents(result.comfy_latent()), result.frames, atol=1e-5)
+
+
+def test_bad_vit_config_is_reported_before_the_llm_weights_are_read(golden, tmp_path, monkeypatch):
+    root = copy_release(golden, tmp_path / "release")
+    edit_json(root / "Qwen2.5-VL-ViT" / "config.json", {"depth": 8})
+    import lance_model.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "load_llm", lambda *a, **k: pytest.fail("LLM weights read before the ViT check"))
+    with pytest.raises(CheckpointError, match=r"'depth' is 8"):
+        load_lance(root, dtype="fp32", device="cpu")
