@@ -541,6 +541,9 @@ class LancePipeline(nn.Module):
         frames = as_frames(media, kind, fps)
         if not video and len(frames) != 1:
             raise InputError(f"image has {len(frames)} frames; use the video edit for clips (or pass one frame)")
+        if video and len(frames) < 2:
+            raise InputError(f"video has {len(frames)} frame; a video needs at least 2 frames (typically 4k+1 "
+                             f"such as 5, 17 or 61): use edit_image for a single image")
         if video:
             t = self.config.constants.vae_temporal_factor
             usable = min((len(frames) - 1) // t * t + 1, self.config.constants.max_num_frames)
