@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.fixtures import comfy_env
 from tests.fixtures.paths import GOLDEN_DIR
 
 
@@ -89,3 +90,15 @@ def pipe(golden):
     from lance_model import load_lance
 
     return load_lance(golden.checkpoint, dtype="fp32", device="cpu", attention="sdpa")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Tests skipped for want of a ComfyUI all report require_host's location, so `-ra` folds them into one line
+    per reason (pytest would otherwise list every test's own location)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        if reason in comfy_env.SKIP_REASONS:
+            report.longrepr = (comfy_env.__file__, comfy_env.require_host.__code__.co_firstlineno, report.longrepr[2])
