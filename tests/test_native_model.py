@@ -453,3 +453,60 @@ def test_native_prefix_cache_lives_for_one_run(native, tiny_model, golden):
     assert len(seen) == 3 and all(built for built, _ in seen)
     assert seen[-1][1] == 2, "one prefill per branch (cond, uncond) for the whole run"
     assert velocity._cache is None
+
+
+# ---------------------------------------------------------------- the shipped native workflows, in process
+NATIVE_WORKFLOWS = ["native_t2i", "native_i2v", "native_image_edit"]
+
+
+def run_api_graph(workflow: dict, classes: dict) -> dict:
+    """Execute an API-format graph node by node (inputs resolved through their links)."""
+    outputs = {}
+
+    def run(key):
+        if key not in outputs:
+            node = workflow[key]
+            kwargs = {name: run(v[0])[v[1]] if isinstance(v, list) else v for name, v in node["inputs"].items()}
+            outputs[key] = classes[node["class_type"]](**kwargs)
+        return outputs[key]
+    for key in workflow:
+        run(key)
+    return outputs
+
+
+@pytest.mark.parametrize("name", NATIVE_WORKFLOWS)
+def test_native_workflow_runs_with_core_vae_decode(native, nodes, tiny_model, comfy, name):
+    """The shipped native API workflow (tiny sizes/steps): Lance nodes + core KSampler or SamplerCustomAdvanced,
+    core VAEDecode with ComfyUI's Wan2.2 VAE (the tiny one), saving an image or video."""
+    import json
+
+    import nodes as core_nodes
+    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
+    from test_nodes_run import _core_wan22_vae, golden_image
+    from tests.fixtures.comfy_env import REPO_ROOT, TINY_NAME
+    from tests.fixtures.tiny_workflows import OVERRIDES
+    workflow = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    for node in workflow.values():
+        node["inputs"].update({k: v for k, v in OVERRIDES.get(node["class_type"], {}).items() if k in node["inputs"]})
+    assert {n["inputs"]["model_name"] for n in workflow.values() if n["class_type"] == "LanceLoader"} == {TINY_NAME}
+    saved = []
+    vae = _core_wan22_vae(comfy)
+    lance = {cls.define_schema().node_id: cls for cls in [*nodes.NODES, *native.NATIVE_NODES]}
+    classes = {node_id: (lambda cls: lambda **kw: cls.execute(**kw).args)(cls) for node_id, cls in lance.items()}
+    classes.update({
+        "KSampler": lambda **kw: core_nodes.KSampler().sample(**kw),
+        "SamplerCustomAdvanced": lambda **kw: SamplerCustomAdvanced().sample(**kw),
+        "CFGGuider": lambda **kw: CFGGuider().get_guider(**kw),
+        "KSamplerSelect": lambda **kw: KSamplerSelect().get_sampler(**kw),
+        "VAELoader": lambda vae_name: (vae,),
+        "VAEDecode": lambda **kw: core_nodes.VAEDecode().decode(**kw),
+        "LoadImage": lambda image: (golden_image(), None),
+        "CreateVideo": lambda images, fps, audio=None: (images,),
+        "SaveImage": lambda images, filename_prefix: saved.append(images) or (),
+        "SaveVideo": lambda video, filename_prefix, **kw: saved.append(video) or (),
+    })
+    run_api_graph(workflow, classes)
+    assert len(saved) == 1
+    frames = saved[0]
+    expected_frames = 5 if name == "native_i2v" else 1
+    assert frames.shape[0] == expected_frames and frames.shape[-1] == 3 and torch.isfinite(frames).all()

@@ -13,8 +13,9 @@ from tests.fixtures.comfy_env import INPUT_IMAGE, INPUT_VIDEO, RELEASE_NAME, REP
 from tests.fixtures.node_fixtures import comfy, nodes  # noqa: E402,F401
 
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit", "multi_turn_edit", "understand_image", "understand_video",
-         "understand_edit"]
-CORE = {"LoadImage", "SaveImage", "LoadVideo", "GetVideoComponents", "SaveVideo"}
+         "understand_edit", "native_t2i", "native_i2v", "native_image_edit"]
+CORE = {"LoadImage", "SaveImage", "LoadVideo", "GetVideoComponents", "SaveVideo", "KSampler", "SamplerCustomAdvanced",
+        "CFGGuider", "KSamplerSelect", "VAELoader", "VAEDecode", "CreateVideo"}
 UI_DIR = REPO_ROOT / "example_workflows"
 API_DIR = REPO_ROOT / "workflows" / "api"
 PREVIEW_MAX_SIDE = 512          # template-browser thumbnails: small files, not full screenshots
@@ -81,7 +82,8 @@ def test_shipped_ui_files_are_for_the_newest_checked_host(comfy):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_api_nodes_are_known(nodes, name):
-    ids = {n.define_schema().node_id for n in nodes.NODES}
+    from lance_nodes.native_nodes import NATIVE_NODES
+    ids = {n.define_schema().node_id for n in [*nodes.NODES, *NATIVE_NODES]}
     for node_id, node in _api(name).items():
         assert node["class_type"] in ids | CORE, (name, node_id)
         for value in node["inputs"].values():
@@ -106,7 +108,7 @@ def test_real_use_defaults(name):
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LanceLoader":
             assert inputs["model_name"] == RELEASE_NAME
-            video_task = name in ("t2v", "i2v", "video_edit", "understand_video")
+            video_task = name in ("t2v", "i2v", "video_edit", "understand_video", "native_i2v")
             assert inputs["variant"] == ("video" if video_task else "auto")
         if kind == "LanceT2I":
             assert (inputs["width"], inputs["height"], inputs["steps"]) == (768, 768, 30)
@@ -116,6 +118,8 @@ def test_real_use_defaults(name):
             assert inputs["steps"] == 30 and inputs["resolution"] in ("image_768res", "video_480p")
         if kind == "LanceUnderstand":
             assert inputs["max_new_tokens"] == 256
+        if kind == "KSampler":
+            assert (inputs["sampler_name"], inputs["scheduler"], inputs["steps"]) == ("euler", "lance_flow", 30)
         if kind == "LoadImage":
             assert inputs["image"] == INPUT_IMAGE
         if kind == "LoadVideo":
