@@ -13,7 +13,7 @@ from lance_model.config import LLMConfig
 from lance_model.llm import LanceLLM
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", REPO.parent / "shared" / "golden"))
+GOLDEN = Path(os.environ.get("LANCE_GOLDEN") or REPO / "tests" / "golden")
 
 
 def synchronize(device: torch.device) -> None:
