@@ -40,7 +40,12 @@ class CheckpointError(LanceNodeError):
     """The selected model folder is missing, a file, or incomplete."""
 
 
-for _cls in (LanceNodeError, InputError, CheckpointError):
+class OutOfMemory(LanceNodeError):
+    """The run needed more memory than the device has; what it allocated was freed, the model stays loaded.
+    (Not a torch OOM on purpose: ComfyUI answers those by unloading every model.)"""
+
+
+for _cls in (LanceNodeError, InputError, CheckpointError, OutOfMemory):
     _cls.__module__ = "lance"
 
 
@@ -53,6 +58,8 @@ def translate(exc: Exception) -> Exception | None:
         return InputError(str(exc))
     if isinstance(exc, lib.CheckpointError):
         return CheckpointError(str(exc))
+    if isinstance(exc, lib.OutOfMemory):
+        return OutOfMemory(str(exc))
     if isinstance(exc, lib.LanceError):
         return LanceNodeError(str(exc))
     return None

@@ -77,6 +77,8 @@ def _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_in
     """The common start of every sampling node: checked model and context, and the library's options."""
     model = runtime.check_model(model)
     context = runtime.check_context(context, model)
+    runtime.check_finite(shift=shift, cfg_scale=cfg_scale, cfg_interval_start=cfg_interval_start,
+                         cfg_interval_end=cfg_interval_end, cfg_renorm_min=cfg_renorm_min)
     if cfg_interval_start > cfg_interval_end:
         raise input_error(f"cfg_interval_start ({cfg_interval_start}) must not be greater than "
                           f"cfg_interval_end ({cfg_interval_end})")
@@ -144,6 +146,11 @@ class LanceLoader(io.ComfyNode):
             ],
             outputs=[LanceModelType.Output(display_name="model")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, **_):
+        # a replaced weight file makes ComfyUI run the loader again, which then reloads it
+        return runtime.model_files_fingerprint(model_name)
 
     @classmethod
     @node_errors
@@ -223,6 +230,7 @@ class LanceT2V(io.ComfyNode):
                 start_image=None, context=None, negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
+        runtime.check_finite(fps=fps)
         if start_image is not None:
             start_image = runtime.check_image(start_image, "start_image")
         result = runtime.run(model, "text_to_video", prompt, width=int(width), height=int(height),
@@ -296,6 +304,7 @@ class LanceVideoEdit(io.ComfyNode):
                 negative_prompt=""):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
                               cfg_renorm, cfg_renorm_min, seed, batch_size)
+        runtime.check_finite(fps=fps, source_fps=source_fps)
         video = runtime.check_video(video, "video")
         result = runtime.run(model, "edit_video", video, instruction, resolution=resolution,
                              fps=float(source_fps) or None, negative_prompt=negative_prompt or "", **gen)
@@ -354,6 +363,7 @@ class LanceUnderstand(io.ComfyNode):
                 image=None, video=None, context=None, source_fps=0.0):
         model = runtime.check_model(model)
         context = runtime.check_context(context, model)
+        runtime.check_finite(temperature=temperature, top_p=top_p, source_fps=source_fps)
         if image is not None and video is not None:
             raise input_error("image and video are both connected: connect one of them")
         if image is not None:
@@ -425,9 +435,7 @@ class LanceDecode(io.ComfyNode):
     def execute(cls, model, samples):
         model = runtime.check_model(model)
         latent = runtime.check_latent(samples, "samples")
-        with model.lock:
-            pipe = model.acquire()
-            frames = pipe.decode_latents(pipe.vae.normalize(latent))
+        frames = runtime.run(model, "decode_raw_latents", latent, progress=False)
         return io.NodeOutput(runtime.frames_to_image(frames))
 
 

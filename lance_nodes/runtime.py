@@ -5,8 +5,10 @@ No model math here: every computation is a call into `lance_model`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -64,56 +66,93 @@ class LanceModel:
         pressure); offload models are moved back to RAM by the library after each stage."""
 
 
-_CACHE: dict[tuple, LanceModel] = {}
+# Every model some graph still holds (ComfyUI's output cache keeps a loader's result alive), so two loaders with
+# different options share nothing and coexist; ComfyUI's memory manager decides what to move off the GPU. The
+# model used last stays referenced here too, so it survives prompts without Lance nodes.
+_LIVE: "weakref.WeakValueDictionary[tuple, LanceModel]" = weakref.WeakValueDictionary()
+_LAST_USED: list[LanceModel] = []
 _CACHE_LOCK = threading.Lock()
 
 MEMORY_MODES = ("resident", "offload")
+DOWNLOAD_HINT = ("Download the release with `hf download bytedance-research/Lance --local-dir "
+                 "ComfyUI/models/lance/Lance-3B` (Lance_3B/, Lance_3B_Video/, Qwen2.5-VL-ViT/, Wan2.2_VAE.pth) "
+                 "and refresh.")
 
 
 def resolve_model_path(name: str) -> str:
-    path = compat.model_path(name) if name else None
-    if path is None:
-        roots = compat.model_roots()
+    """The release folder for a model_name: only an entry of a registered `lance` folder (no paths, no
+    '..'); symlinks inside those folders are the user's choice."""
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
         raise CheckpointError(
-            f"model_name: Lance model folder {name!r} not found in the 'lance' model folder(s) {roots}. "
-            f"Put a release folder (Lance_3B or Lance_3B_Video, Qwen2.5-VL-ViT, Wan2.2_VAE.pth) at "
-            f"models/lance/<name>/ and refresh.")
+            f"model_name: expected the name of a folder inside models/lance (one of {compat.list_model_entries()}), "
+            f"got {name!r}. Paths are not accepted. {DOWNLOAD_HINT}")
+    path = compat.model_path(name)
+    if path is None:
+        raise CheckpointError(
+            f"model_name: Lance model folder {name!r} not found in the 'lance' model folder(s) "
+            f"{compat.model_roots()}. {DOWNLOAD_HINT}")
     if not os.path.isdir(path):
         raise CheckpointError(
-            f"model_name: {path} is a file, not a folder. Each entry of models/lance must be a Lance release "
+            f"model_name: {name!r} is a file, not a folder. Each entry of models/lance must be a Lance release "
             f"folder containing Lance_3B (or Lance_3B_Video), Qwen2.5-VL-ViT and Wan2.2_VAE.pth.")
     return os.path.realpath(path)
 
 
 def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: str = "auto",
               memory_mode: str = "resident") -> LanceModel:
-    """Load (once) and return the shared model for these options. Loading different options replaces the
-    cached model, so at most one Lance model is held by the pack."""
+    """Load (once) and return the shared model for these options. A model whose files changed on disk since it
+    was loaded is loaded again; a failed load leaves every cached model as it was."""
     if memory_mode not in MEMORY_MODES:
         raise input_error(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
     path = resolve_model_path(name)
     key = (path, variant, dtype, attention, memory_mode)
     with _CACHE_LOCK:
-        cached = _CACHE.get(key)
-        if cached is not None:
-            return cached
-        for old_key in list(_CACHE):
-            old = _CACHE.pop(old_key)
-            if old.patcher is not None:
-                compat.unload(old.patcher)
-        # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
-        # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
-        # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
-        pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                        attention=attention, operations=compat.manual_cast_ops(),
-                                        memory=memory_mode)
-        from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
-        patcher = make_patcher(pipe) if memory_mode == "resident" else None
-        model = LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
-                           memory_mode=memory_mode, pipe=pipe, patcher=patcher)
-        _CACHE[key] = model
+        model = _LIVE.get(key)
+        if model is not None:
+            changed = model.pipe.changed_files()
+            if not changed:
+                _remember(model)
+                return model
+            log.warning("Lance: %s changed on disk since %r was loaded: loading it again", ", ".join(changed), name)
+        model = _load(name, path, variant, dtype, attention, memory_mode)
+        _LIVE[key] = model
+        _remember(model)
         log.info("Lance: loaded %s", model)
         return model
+
+
+def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
+    # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
+    # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
+    # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
+    pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
+                                    attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
+    from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
+    patcher = make_patcher(pipe) if memory_mode == "resident" else None
+    return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
+                      memory_mode=memory_mode, pipe=pipe, patcher=patcher)
+
+
+def _remember(model: LanceModel) -> None:
+    _LAST_USED[:] = [model]
+
+
+def model_files_fingerprint(name: str) -> str:
+    """Size, mtime and inode of every file of a model folder: LanceLoader's fingerprint, so that ComfyUI runs the
+    loader again (and it reloads) when a file is replaced, even when the loader's output is cached."""
+    try:
+        root = resolve_model_path(name)
+    except CheckpointError:
+        return "missing"
+    parts = []
+    for folder, _, files in sorted(os.walk(root, followlinks=True)):
+        for file in sorted(files):
+            try:
+                st = os.stat(os.path.join(folder, file))
+            except OSError:
+                continue
+            parts.append(f"{os.path.relpath(os.path.join(folder, file), root)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+    return "|".join(parts)
 
 
 # ---------------------------------------------------------------- input checks (clear errors on the node)
@@ -138,6 +177,19 @@ def check_context(context, model: LanceModel, what: str = "context"):
     return context
 
 
+def check_finite(**values) -> None:
+    """Float widgets: ComfyUI's min/max validation lets NaN through (every comparison with NaN is false)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise input_error(f"{name}: expected a finite number, got {value!r}")
+
+
+def _check_finite_tensor(tensor: torch.Tensor, what: str, kind: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise input_error(f"{what}: the {kind} contains NaN or Inf values; expected finite numbers (check the "
+                          f"node that produced it)")
+
+
 def check_image(image, what: str = "image") -> torch.Tensor:
     """A single image: IMAGE [1,H,W,3]."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
@@ -148,6 +200,7 @@ def check_image(image, what: str = "image") -> torch.Tensor:
             f"{what}: got an IMAGE batch of {image.shape[0]} images, but this input takes one image. "
             f"Pick one (e.g. core 'ImageFromBatch'), or use a video input (Lance Video Edit / Understand 'video') "
             f"if the batch is a video's frames.")
+    _check_finite_tensor(image, what, "IMAGE")
     return image[..., :3]
 
 
@@ -161,6 +214,7 @@ def check_video(frames, what: str = "video", min_frames: int = 2) -> torch.Tenso
             f"{what}: got {frames.shape[0]} frame(s), but a video is needed (at least {min_frames} frames, "
             f"typically 4k+1 such as 5, 17, 33 or 61). Load a video (core 'Load Video' -> 'Get Video Components'), "
             f"or use the image input / Lance Edit for a single image.")
+    _check_finite_tensor(frames, what, "video")
     return frames[..., :3]
 
 
@@ -175,6 +229,7 @@ def check_latent(latent, what: str = "samples") -> torch.Tensor:
             f"{what}: LATENT has shape {tuple(samples.shape)} ({samples.shape[1] if samples.ndim > 1 else '?'} "
             f"channels); Lance uses the Wan2.2 latent with {LATENT_CHANNELS} channels [B,48,t,h,w]. "
             f"This LATENT comes from another model family (e.g. SD/SDXL/Flux latents have 4 or 16 channels).")
+    _check_finite_tensor(samples, what, "LATENT")
     return samples
 
 
