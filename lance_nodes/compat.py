@@ -141,12 +141,18 @@ def model_patcher(module: torch.nn.Module, size: int = 0, reload=None, disable_d
     Under Dynamic VRAM the patcher streams the weights of layers built from comfy.ops (the LLM) from RAM at
     run time and moves every other weight and buffer to the load device when it loads: build `module` on
     `weight_device()`, in its compute dtype (core casts a streamed weight to `<name>_comfy_model_dtype` when set,
-    else keeps the stored dtype)."""
+    else keeps the stored dtype). A module whose weights already sit on the GPU gets the classic ModelPatcher:
+    the dynamic one could never move them off the GPU to free memory."""
+    disable_dynamic = disable_dynamic or _on_gpu(module)
     patcher = _patcher_class(disable_dynamic)(module, load_device=load_device(), offload_device=offload_device(),
                                               size=size)
     if reload is not None and hasattr(patcher, "cached_patcher_init"):
         patcher.cached_patcher_init = (_reloaded_patcher, (reload, size))
     return patcher
+
+
+def _on_gpu(module: torch.nn.Module) -> bool:
+    return any(not mm.is_device_cpu(param.device) for param in module.parameters())
 
 
 def _reloaded_patcher(reload, size, disable_dynamic: bool = False):

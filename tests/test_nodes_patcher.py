@@ -4,6 +4,8 @@
   ModelPatcher on 0.3.64;
 - the reload factory registered as `cached_patcher_init`, driven through core's own clone path, rebuilds the model
   from disk with the same weights;
+- a module whose weights already sit on the GPU gets the classic ModelPatcher (the streaming one could not free
+  them);
 - on a CPU device Dynamic VRAM is off, so the weights are built on the load device.
 
 Dynamic VRAM itself needs a GPU with comfy-aimdo: not exercised here.
@@ -67,6 +69,9 @@ def test_rebound_core_patcher_is_picked_up_at_call_time(compat, core, monkeypatc
     monkeypatch.setattr(core, "CoreModelPatcher", Rebound)
     assert type(compat.model_patcher(torch.nn.Linear(4, 4))) is Rebound
     assert type(compat.model_patcher(torch.nn.Linear(4, 4), disable_dynamic=True)) is core.ModelPatcher
+    # weights already on the GPU: the streaming patcher could never free them, so the classic one is used
+    monkeypatch.setattr(compat, "_on_gpu", lambda module: True)
+    assert type(compat.model_patcher(torch.nn.Linear(4, 4))) is core.ModelPatcher
 
 
 def test_cpu_host_has_no_dynamic_vram(compat):
