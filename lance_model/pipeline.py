@@ -427,10 +427,11 @@ class LancePipeline(nn.Module):
         require_finite_tensor(latents, what)  # after the size check: a huge tensor is refused before it is scanned
 
     @_task
-    def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None,
+                           what: str = "latents") -> torch.Tensor:
         """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3]; checked like
-        decode_latents before anything is computed from them."""
-        self._check_latents(samples, "samples")
+        decode_latents before anything is computed from them. `what` names the input in errors."""
+        self._check_latents(samples, what)
         return self.decode_latents(self.vae.normalize(samples), cancel=cancel)
 
     # -- understanding ----------------------------------------------------------------------------------

@@ -570,10 +570,10 @@ def test_out_of_memory_is_clear_and_the_model_stays_usable(pipe, case, module, c
 
 def test_decode_raw_latents_checks_before_normalizing(pipe):
     c = pipe.config.constants.latent_channels
-    with pytest.raises(InputError, match=r"samples of shape \(1, \d+, 1, 4096, 4096\) is outside what the model supports"):
+    with pytest.raises(InputError, match=r"latents of shape \(1, \d+, 1, 4096, 4096\) is outside what the model supports"):
         pipe.decode_raw_latents(torch.zeros(1, c, 1, 1, 1).expand(1, c, 1, 4096, 4096))
-    with pytest.raises(InputError, match=r"samples contains NaN"):
-        pipe.decode_raw_latents(torch.full((1, c, 1, 4, 4), NAN))
+    with pytest.raises(InputError, match=r"LATENT input contains NaN"):
+        pipe.decode_raw_latents(torch.full((1, c, 1, 4, 4), NAN), what="LATENT input")
     result = pipe.text_to_image("a red cat", seed=2, **SMALL)
     assert torch.allclose(pipe.decode_raw_latents(result.comfy_latent()), result.frames, atol=1e-5)
 
