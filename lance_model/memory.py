@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -62,10 +63,15 @@ class Estimate:
         stage = max(self.stages, key=lambda s: sum(self.stages[s].values()))
         return stage, sum(self.stages[stage].values())
 
-    def check(self, device: torch.device, available: int | None = None) -> None:
-        """Raise OutOfMemory when the largest stage cannot fit into the device's available memory."""
-        available = available_bytes(device) if available is None else available
+    def check(self, device: torch.device, available: int | None = None,
+              make_room: Callable[[int, torch.device], None] | None = None) -> None:
+        """Raise OutOfMemory when the largest stage cannot fit into the device's available memory. `make_room`
+        (a host's hook, e.g. one that unloads its other models) is asked for the bytes first when they are short."""
         stage, need = self.peak()
+        available = available_bytes(device) if available is None else available
+        if available is not None and need > available and make_room is not None:
+            make_room(need, device)
+            available = available_bytes(device)
         if available is None or need <= available:
             return
         parts = ", ".join(f"{name} {nbytes / GIB:.2f} GiB" for name, nbytes in self.stages[stage].items())

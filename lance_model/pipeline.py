@@ -170,6 +170,9 @@ class LancePipeline(nn.Module):
                  file_state: dict | None = None):
         super().__init__()
         self._lock = threading.RLock()
+        # host hook: make_room(bytes, device) is called when a request's estimate exceeds the free memory, before
+        # it is refused (ComfyUI: unload other models); None = refuse straight away
+        self.make_room: Callable[[int, torch.device], None] | None = None
         self._file_state = file_state if file_state is not None else paths.snapshot()
         self.paths, self.tokenizer = paths, tokenizer
         self.llm = llm
@@ -315,7 +318,7 @@ class LancePipeline(nn.Module):
                                   self.config.constants.latent_channels)
         else:
             self._check_noise(noise, inputs)
-        self._generation_estimate(inputs, options, noise.shape[0], settings.decode).check(self.device)
+        self._generation_estimate(inputs, options, noise.shape[0], settings.decode).check(self.device, make_room=self.make_room)
         with self._use(self.llm), self._llm_cancel_points(settings.cancel):
             tokens = run_generation(self.llm, inputs, options, noise, self._step_hook(inputs.target, settings, observer),
                                     settings.cancel)
@@ -406,7 +409,7 @@ class LancePipeline(nn.Module):
         require_callable(cancel, "cancel")
         estimate = Estimate()
         self._add_decode(estimate, *latents.shape[2:], latents.shape[0])
-        estimate.check(self.device)
+        estimate.check(self.device, make_room=self.make_room)
         with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
             pixels = self.vae.decode(latents)
         return ((pixels.cpu() + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()
@@ -518,7 +521,7 @@ class LancePipeline(nn.Module):
         longest = max((s.length for s in seq.splits), default=prompt_len)
         Estimate().add("text decoding", "KV cache", kv_cache_bytes(self.config, 1, prompt_len + max_new_tokens, self.dtype)) \
             .add("text decoding", "activations", forward_activation_bytes(self.config, longest, self.dtype)) \
-            .add("text decoding", "LLM weights", self._stage_weights(self.llm)).check(self.device)
+            .add("text decoding", "LLM weights", self._stage_weights(self.llm)).check(self.device, make_room=self.make_room)
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
@@ -558,7 +561,7 @@ class LancePipeline(nn.Module):
         frames, height, width = pixels.shape[1:]
         Estimate().add("VAE encode", "VAE working set", vae_encode_bytes(
             int(self.vae_model.config.base_dim), frames, height, width, self.vae.dtype, self.vae.tiling_enabled)) \
-            .add("VAE encode", "VAE weights", self._stage_weights(self.vae_model)).check(self.device)
+            .add("VAE encode", "VAE weights", self._stage_weights(self.vae_model)).check(self.device, make_room=self.make_room)
         cancel = settings.cancel if settings is not None else None
         with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
             mu, logvar = self.vae.encode(pixels.unsqueeze(0))

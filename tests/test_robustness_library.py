@@ -585,3 +585,17 @@ def test_bad_vit_config_is_reported_before_the_llm_weights_are_read(golden, tmp_
     monkeypatch.setattr(pipeline, "load_llm", lambda *a, **k: pytest.fail("LLM weights read before the ViT check"))
     with pytest.raises(CheckpointError, match=r"'depth' is 8"):
         load_lance(root, dtype="fp32", device="cpu")
+
+
+def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
+    import lance_model.memory as memory
+    free = {"bytes": 1024}
+    asked = []
+
+    def make_room(nbytes, device):
+        asked.append((nbytes, device.type))
+        free["bytes"] = 64 * GIB   # the host unloaded something
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(pipe, "make_room", make_room)
+    assert pipe.text_to_image("a red cat", **SMALL).frames is not None
+    assert len(asked) == 1 and asked[0][0] > 1024 and asked[0][1] == "cpu"
