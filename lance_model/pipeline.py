@@ -116,7 +116,7 @@ class GenerationSettings:
         guidance = GuidanceOptions(float(self.cfg_scale), tuple(self.cfg_interval), self.cfg_renorm,
                                    float(self.cfg_renorm_min), self.uncond_positions)
         state = torch.float32 if self.euler_state == "fp32" else torch.bfloat16
-        return SamplerOptions(self.steps, float(self.shift), guidance, self.batched_cfg, state)
+        return SamplerOptions(int(self.steps), float(self.shift), guidance, self.batched_cfg, state)
 
 
 @dataclass
