@@ -11,6 +11,7 @@ host memory stays near one copy of the weights.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -125,6 +126,10 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a .pth state dict safely (weights_only=True: no arbitrary code from pickles)."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        refused = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(f"refused to load {path}: it holds more than tensors ({refused}); a release VAE file "
+                              f"holds only weights - re-download it") from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read {path} as a torch state dict (truncated, corrupt or not weights-only): {exc}") from exc
     if not isinstance(state, Mapping):
