@@ -15,8 +15,8 @@ Differences handled (checked against 0.3.64's comfy_api/latest and upstream mast
   main.py rebinds to ModelPatcherDynamic, and registers `cached_patcher_init` reload factories. 0.3.64 has
   neither: `model_patcher()` falls back to ModelPatcher and skips the factory. `weight_device()` says where the
   weights go (RAM when they are streamed).
-- `comfy.model_management` internals used for unloading (`current_loaded_models`, `LoadedModel.model_unload`)
-  are looked up defensively.
+- Models are never unloaded by hand: the pack drops its references and core's own bookkeeping (weak references
+  in `current_loaded_models`, `free_memory` under pressure) does the rest, as for core's own loaders.
 """
 from __future__ import annotations
 
@@ -183,19 +183,9 @@ def load_to_device(patcher, full: bool) -> None:
     mm.load_models_gpu([patcher], force_full_load=full)
 
 
-def unload(patcher) -> None:
-    """Move one model off the GPU (offload memory mode) and forget it in ComfyUI's loaded-model list."""
-    loaded = getattr(mm, "current_loaded_models", None)
-    if loaded is None:
-        return
-    for index in range(len(loaded) - 1, -1, -1):
-        entry = loaded[index]
-        if getattr(entry, "model", None) is patcher:
-            try:
-                entry.model_unload()
-            finally:
-                loaded.pop(index)
-    mm.soft_empty_cache()
+def free_memory(num_bytes: int, device: torch.device, keep=None) -> None:
+    """Ask core to move other models off `device` until `num_bytes` are free (keeping `keep`, a patcher)."""
+    mm.free_memory(num_bytes, device, keep_loaded=[mm.LoadedModel(keep)] if keep is not None else [])
 
 
 # ---------------------------------------------------------------- interrupt, progress, previews

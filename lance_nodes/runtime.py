@@ -129,6 +129,8 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
                                     attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
     from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
     patcher = make_patcher(pipe) if memory_mode == "resident" else None
+    # before a request that does not fit is refused, core may free other models' memory
+    pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=patcher)
     return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                       memory_mode=memory_mode, pipe=pipe, patcher=patcher)
 

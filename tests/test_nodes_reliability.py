@@ -174,3 +174,16 @@ def test_interrupt_during_decode_stops_it(nodes, tiny_model, comfy):
     finally:
         mm.interrupt_current_processing(False)
     assert nodes.LanceDecode.execute(tiny_model, samples).args[0].shape == (1, S, S, 3)
+
+
+def test_a_request_that_does_not_fit_asks_core_to_free_memory_first(nodes, tiny_model, lib, monkeypatch):
+    """The library's up-front estimate calls the host's make_room before refusing: core's free_memory runs,
+    keeping this model; then the clear lance.OutOfMemory error (nothing was started)."""
+    import comfy.model_management as mm
+    calls = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): calls.append((need, device, keep_loaded)))
+    import lance_model.memory as memory
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    with pytest.raises(lib.OutOfMemory, match="offload"):
+        t2i(nodes, tiny_model)
+    assert calls and calls[0][2][0].model is tiny_model.patcher
