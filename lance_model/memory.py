@@ -74,9 +74,9 @@ class Estimate:
             available = available_bytes(device)
         if available is None or need <= available:
             return
-        parts = ", ".join(f"{name} {nbytes / GIB:.2f} GiB" for name, nbytes in self.stages[stage].items())
+        parts = ", ".join(f"{name} {readable(nbytes)}" for name, nbytes in self.stages[stage].items() if nbytes)
         raise OutOfMemory(f"not enough memory on {device} for this request: its {stage} stage needs at least "
-                          f"{need / GIB:.2f} GiB ({parts}) but only {available / GIB:.2f} GiB are available; {HINT}")
+                          f"{readable(need)} ({parts}) but only {readable(available)} are available; {HINT}")
 
 
 def kv_cache_bytes(cfg: LLMConfig, rows: int, capacity: int, dtype: torch.dtype) -> int:
@@ -109,6 +109,13 @@ def vae_encode_bytes(encoder_width: int, frames: int, height: int, width: int, d
 
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def readable(nbytes: int) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -278,9 +278,9 @@ MEDIA_CASES = [
     ("video edit: video as int tensor", lambda p: p.edit_video(torch.ones(5, 64, 64, 3, dtype=torch.bool), "x",
                                                                resolution="video_192p", steps=1),
      r"video must be a real-valued tensor"),
-    ("image edit: image is a string of a dict", lambda p: p.edit_image({"a": 1}, "x", resolution="image_256res", steps=1),
+    ("image edit: image={'a': 1}", lambda p: p.edit_image({"a": 1}, "x", resolution="image_256res", steps=1),
      r"image must be an image tensor"),
-    ("video edit: video=True for image edit", lambda p: p.prepare_edit(torch.rand(1, 64, 64, 3), "x", video="yes",
+    ("prepare_edit: video='yes'", lambda p: p.prepare_edit(torch.rand(1, 64, 64, 3), "x", video="yes",
                                                                       resolution="image_256res"),
      r"video must be True or False"),
     ("t2v: num_frames=True", lambda p: p.text_to_video("a boat", width=64, height=64, num_frames=True, steps=1),
@@ -329,8 +329,18 @@ UNDERSTAND_CASES = [
 ]
 
 
+def _short(name, value) -> str:
+    """`sampling.temperature=nan` rather than the whole SamplingOptions repr."""
+    if isinstance(value, SamplingOptions):
+        default = SamplingOptions()
+        changed = [f"{name}.{k}={getattr(value, k)!r}" for k in vars(value) if getattr(value, k) != getattr(default, k)
+                   or getattr(value, k) != getattr(value, k)]
+        return ", ".join(changed)
+    return f"{name}={value!r}"
+
+
 @pytest.mark.parametrize("name, value, message", UNDERSTAND_CASES,
-                         ids=[f"understand: {n}={v!r}" for n, v, _ in UNDERSTAND_CASES])
+                         ids=[f"understand: {_short(n, v)}" for n, v, _ in UNDERSTAND_CASES])
 def test_understand_bad_argument(pipe, name, value, message):
     kwargs = dict(max_new_tokens=2, resolution="image_256res")
     kwargs[name] = value
@@ -423,7 +433,8 @@ def test_request_refused_up_front_when_memory_is_short(pipe, monkeypatch):
     import lance_model.memory as memory
     calls = []
     monkeypatch.setattr(memory, "available_bytes", lambda device: calls.append(device) or 1024)  # 1 KiB: below any request
-    with pytest.raises(OutOfMemory, match=r"not enough memory on cpu .*needs at least .*GiB.*memory='offload'.*vae_tiling"):
+    with pytest.raises(OutOfMemory, match=r"not enough memory on cpu .*needs at least [\d.]+ [KMG]iB .*only 1.00 KiB are "
+                                          r"available.*memory='offload'.*vae_tiling"):
         pipe.text_to_image("a red cat", on_step=lambda *a: pytest.fail("sampling started"), **SMALL)
     with pytest.raises(OutOfMemory, match=r"text decoding stage"):
         pipe.understand(IMAGE, "What is it?", max_new_tokens=2, resolution="image_256res")
