@@ -303,7 +303,7 @@ class LancePipeline(nn.Module):
     @_task
     def generate(self, task: str, request: str, inputs: GenerationInputs, settings: GenerationSettings,
                  noise: torch.Tensor | None = None, observer: Callable[[StepInfo], None] | None = None) -> GenerationResult:
-        """Sample (seeds seed..seed+B-1 unless `noise` [B, N, C] is given), decode and extend the context."""
+        """Sample (seeds seed..seed+B-1 modulo 2^64 unless `noise` [B, N, C] is given), decode and extend the context."""
         if not isinstance(settings, GenerationSettings):
             raise InputError(f"settings must be GenerationSettings, got {type(settings).__name__}")
         if not isinstance(inputs, GenerationInputs):
