@@ -74,6 +74,13 @@ def test_ui_files_follow_the_host_version(comfy, host, values):
     assert _save_video_values(json.loads(build_ui(host)["t2v"])) == [values]
 
 
+@pytest.mark.parametrize("host, values", [("0.3.64", [12.0]), ("0.33.0", [12.0, 8])])  # fps[, bit_depth]
+def test_create_video_widgets_follow_the_host_version(comfy, host, values):
+    from tests.fixtures.workflow_builder import build_ui
+    ui = json.loads(build_ui(host)["native_i2v"])
+    assert [n["widgets_values"] for n in ui["nodes"] if n["type"] == "CreateVideo"] == [values]
+
+
 def test_shipped_ui_files_are_for_the_newest_checked_host(comfy):
     from tests.fixtures.workflow_builder import CHECKED_HOSTS, SHIPPED_HOST, build_ui
     assert SHIPPED_HOST == max(CHECKED_HOSTS, key=lambda v: tuple(map(int, v.split("."))))
