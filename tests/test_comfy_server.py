@@ -33,7 +33,7 @@ from tests.fixtures.tiny_workflows import (EXPECTED, TINY_SIZE, bad_workflows, s
 pytestmark = pytest.mark.comfy
 
 NODE_IDS = "LanceLoader,LanceT2I,LanceT2V,LanceEdit,LanceVideoEdit,LanceUnderstand,LancePromptEnhance,LanceDecode," \
-           "LanceContextView"
+           "LanceContextView,LanceModel,LanceConditioning,LanceScheduler,LanceNoise,LanceGuidance"
 AFTER_BAD = "zz_after_bad_t2i"
 
 
