@@ -16,8 +16,8 @@ from tests.fixtures.paths import REPO_ROOT
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # Python 3.10
-    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+else:  # Python 3.10: the [test] extra installs tomli
+    import tomli as tomllib
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 RUNTIME_FILES = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "lance_nodes/nodes.py",
