@@ -510,3 +510,31 @@ def test_native_workflow_runs_with_core_vae_decode(native, nodes, tiny_model, co
     frames = saved[0]
     expected_frames = 5 if name == "native_i2v" else 1
     assert frames.shape[0] == expected_frames and frames.shape[-1] == 3 and torch.isfinite(frames).all()
+
+
+def test_native_lora_file_format_through_core_loader(native, tiny_model, golden):
+    """A LoRA in the common `lora_unet_<module path>` format, applied by core's load_lora_for_models (what
+    LoraLoaderModelOnly calls), equals editing the weight by up @ down in the library."""
+    import comfy.sd
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    module = "llm.language_model.model.layers.0.self_attn.q_proj_moe_gen"
+    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
+    generator = torch.Generator().manual_seed(1)
+    up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight.shape[1], generator=generator)
+    name = "lora_unet_" + module.replace(".", "_")
+    lora = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}
+    plain, inputs, settings = t2i_run(native, tiny_model, golden, steps=3)
+    patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 0.5, 0.0)
+    patched, _, _ = t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_patcher, hp), steps=3)
+    tiny_model.acquire()
+    original = weight.clone()
+    with torch.no_grad():
+        weight.add_(0.5 * (up @ down))
+    try:
+        library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    print(f"[native] LoRA (lora_unet_ keys, strength 0.5): output change {(patched - plain).abs().max():.3e}")
+    assert (patched - plain).abs().max() > 1e-3
+    assert_close(patched, library, golden.tolerance("out/latent.0"), "native LoRA vs edited library")
