@@ -15,20 +15,11 @@ import torch
 
 from . import compat
 from .library import CheckpointError, errors, input_error, lance_model
+from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
 
 log = logging.getLogger("lance_nodes")
 
 LATENT_CHANNELS = 48           # Wan2.2 VAE latent channels (ComfyUI's Wan22 latent format)
-
-
-class _PipeHolder(torch.nn.Module):
-    """What ComfyUI's ModelPatcher manages: the Lance pipeline as a submodule. ModelPatcher writes bookkeeping
-    attributes (device, model_lowvram, ...) onto the module it holds; keeping them off the pipeline itself means
-    the library's own attributes are never overwritten."""
-
-    def __init__(self, pipe: torch.nn.Module):
-        super().__init__()
-        self.pipe = pipe
 
 
 @dataclass
@@ -127,7 +118,6 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
     pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
                                     attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
-    from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
     patcher = make_patcher(pipe) if memory_mode == "resident" else None
     # before a request that does not fit is refused, core may free other models' memory
     pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=patcher)
