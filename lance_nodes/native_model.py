@@ -149,9 +149,11 @@ class LanceBaseModel(comfy.model_base.BaseModel):
         return tokens * width * dtype_bytes + self.diffusion_model.velocity.cache_bytes
 
 
-def make_patcher(pipe: torch.nn.Module):
-    """The one ModelPatcher of a loaded release: a core MODEL that the all-in-one nodes load as well."""
-    return compat.model_patcher(LanceBaseModel(pipe))
+def make_patcher(pipe: torch.nn.Module, reload=None):
+    """The one ModelPatcher of a loaded release: a core MODEL that the all-in-one nodes load as well. `reload`
+    (a zero-argument callable loading the same pipeline again) becomes core's reload factory."""
+    factory = None if reload is None else (lambda: LanceBaseModel(reload()))
+    return compat.model_patcher(LanceBaseModel(pipe), reload=factory)
 
 
 def is_lance_patcher(patcher) -> bool:

@@ -116,9 +116,13 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
     # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
     # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
-    pipe = lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                    attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
-    patcher = make_patcher(pipe) if memory_mode == "resident" else None
+    def build():
+        return lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
+                                        attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
+
+    pipe = build()
+    # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
+    patcher = make_patcher(pipe, reload=build) if memory_mode == "resident" else None
     # before a request that does not fit is refused, core may free other models' memory
     pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=patcher)
     return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,

@@ -187,3 +187,15 @@ def test_a_request_that_does_not_fit_asks_core_to_free_memory_first(nodes, tiny_
     with pytest.raises(lib.OutOfMemory, match="offload"):
         t2i(nodes, tiny_model)
     assert calls and calls[0][2][0].model is tiny_model.patcher
+
+
+def test_the_patcher_has_a_reload_factory_where_the_host_supports_it(tiny_model):
+    """Core's cached_patcher_init (newer hosts: MultiGPU copies, non-dynamic clones) rebuilds the model from disk."""
+    patcher = tiny_model.patcher
+    if not hasattr(patcher, "cached_patcher_init"):
+        pytest.skip("this ComfyUI has no cached_patcher_init (0.3.64): nothing to register")
+    factory, args = patcher.cached_patcher_init
+    copy = factory(*args)
+    assert copy is not patcher and type(copy.model) is type(patcher.model)
+    ours, theirs = patcher.model.state_dict(), copy.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
