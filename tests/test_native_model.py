@@ -255,15 +255,15 @@ def core_model_from(native, patcher, hp):
 
 def test_native_progress_and_interrupt(native, tiny_model, golden):
     """Core's sampler callback drives the progress bar (ComfyUI's interrupt check runs in its hook): an interrupt
-    at step 2 stops sampling and the next run still works."""
+    after the first step stops sampling and the next run still works."""
     import comfy.model_management
     import comfy.utils
     seen = []
 
     def hook(value, total, preview, *args, **kwargs):
+        # newer hosts throttle the updates after the first (100 ms): interrupt at the first one
         seen.append((value, total))
-        if value == 2:
-            raise comfy.model_management.InterruptProcessingException()
+        raise comfy.model_management.InterruptProcessingException()
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
@@ -271,7 +271,7 @@ def test_native_progress_and_interrupt(native, tiny_model, golden):
             t2i_run(native, tiny_model, golden, steps=5)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    assert seen[:2] == [(1, 5), (2, 5)]
+    assert seen == [(1, 5)], "sampling went on after the interrupt"
     out, _, _ = t2i_run(native, tiny_model, golden, steps=2)
     assert torch.isfinite(out).all()
 
@@ -419,6 +419,9 @@ def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, g
 
     class Hooked:
         hook_patches = {"hook": {}}
+
+        def is_dynamic(self):   # newer hosts ask the current patcher
+            return False
     velocity = base.diffusion_model.velocity
 
     def caches(patcher):
