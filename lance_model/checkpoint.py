@@ -181,7 +181,7 @@ def stream_safetensors(path: Path, names: Iterable[tuple[str, str]], dtype: torc
 
 
 def private_copy(source: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
-    """`converted` (source cast/moved) as memory of its own. safetensors and torch.load(mmap=True) return tensors
+    """`converted` (source cast/moved) as memory of its own. safetensors and torch.load with mmap=True return tensors
     backed by a mapping of the file, and a cast to the same dtype/device returns that very storage: a file
     overwritten or truncated later would then kill the process with SIGBUS on the next access. Copying one
     tensor at a time keeps the peak near one copy of the weights."""
