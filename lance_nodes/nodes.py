@@ -148,9 +148,9 @@ class LanceLoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, **_):
+    def fingerprint_inputs(cls, model_name, variant="auto", **_):
         # a replaced weight file makes ComfyUI run the loader again, which then reloads it
-        return runtime.model_files_fingerprint(model_name)
+        return runtime.model_files_fingerprint(model_name, variant)
 
     @classmethod
     @node_errors

@@ -123,8 +123,10 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     pipe = build()
     # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
     patcher = make_patcher(pipe, reload=build) if memory_mode == "resident" else None
-    # before a request that does not fit is refused, core may free other models' memory
-    pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=patcher)
+    # before a request that does not fit is refused, core may free other models' memory; a weak reference, so
+    # that pipe -> hook -> patcher -> pipe is no cycle (a dropped model's weights are freed at once, not at gc)
+    keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
+    pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=keep())
     return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                       memory_mode=memory_mode, pipe=pipe, patcher=patcher)
 
@@ -133,22 +135,15 @@ def _remember(model: LanceModel) -> None:
     _LAST_USED[:] = [model]
 
 
-def model_files_fingerprint(name: str) -> str:
-    """Size, mtime and inode of every file of a model folder: LanceLoader's fingerprint, so that ComfyUI runs the
-    loader again (and it reloads) when a file is replaced, even when the loader's output is cached."""
+def model_files_fingerprint(name: str, variant: str = "auto") -> str:
+    """The release files' size, mtime and inode (the library's own snapshot, the one `changed_files()` compares):
+    LanceLoader's fingerprint, so that ComfyUI runs the loader again (and it reloads) when a file is replaced,
+    even when the loader's output is cached."""
     try:
-        root = resolve_model_path(name)
-    except CheckpointError:
+        paths = lance_model().checkpoint.resolve_release(resolve_model_path(name), variant)
+    except (CheckpointError, errors().CheckpointError):
         return "missing"
-    parts = []
-    for folder, _, files in sorted(os.walk(root, followlinks=True)):
-        for file in sorted(files):
-            try:
-                st = os.stat(os.path.join(folder, file))
-            except OSError:
-                continue
-            parts.append(f"{os.path.relpath(os.path.join(folder, file), root)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
-    return "|".join(parts)
+    return repr(sorted(paths.snapshot().items()))
 
 
 # ---------------------------------------------------------------- input checks (clear errors on the node)

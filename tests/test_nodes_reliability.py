@@ -199,3 +199,18 @@ def test_the_patcher_has_a_reload_factory_where_the_host_supports_it(tiny_model)
     assert copy is not patcher and type(copy.model) is type(patcher.model)
     ours, theirs = patcher.model.state_dict(), copy.model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_dropped_model_is_freed_without_waiting_for_gc(nodes, tiny_model):
+    """No reference cycle keeps a model no graph holds any more (its weights would live until the next gc)."""
+    import weakref
+    other = load(nodes, "tiny", variant="image")
+    t2i(nodes, other)
+    load(nodes, "tiny")                      # the last used model is another one
+    pipe = weakref.ref(other.pipe)
+    gc.disable()
+    try:
+        del other
+        assert pipe() is None, "a reference cycle keeps the dropped model alive"
+    finally:
+        gc.enable()
