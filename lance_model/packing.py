@@ -108,13 +108,25 @@ def sequence_positions(cfg: LLMConfig, blocks: list[Block], length: int, codes: 
     return pos
 
 
-def drop_caption(seq: PackedSequence, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CFG-uncond branch: (kept token indexes of the cond sequence, positions of the shortened sequence)."""
-    keep = torch.nonzero(seq.codes != CODE_CAPTION).squeeze(1)
+CAPTION_CODES = (CODE_CAPTION,)           # the official CFG-uncond branch drops the caption
+MEDIA_CODES = (CODE_SOURCE, CODE_VIT)      # image CFG's extra branch also drops the condition media blocks
+
+
+def drop_codes(seq: PackedSequence, cfg: LLMConfig, codes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CFG branch without the tokens of `codes` (whole visual blocks for media codes): (kept token indexes of
+    the full sequence, positions of the shortened sequence)."""
+    dropped = torch.isin(seq.codes, torch.tensor(codes, dtype=seq.codes.dtype))
+    keep = torch.nonzero(~dropped).squeeze(1)
     new_index = torch.full((len(seq),), -1, dtype=torch.long)
     new_index[keep] = torch.arange(len(keep))
-    blocks = [Block(b.role, int(new_index[b.start]), b.tokens, b.rope_grid) for b in seq.blocks]
+    blocks = [Block(b.role, int(new_index[b.start]), b.tokens, b.rope_grid) for b in seq.blocks
+              if ROLE_CODE[b.role] not in codes]
     return keep, sequence_positions(cfg, blocks, len(keep), seq.codes[keep], seq.shift_positions)
+
+
+def has_media(seq: PackedSequence) -> bool:
+    """Whether the sequence holds condition media (ViT or source latent blocks) that image CFG can drop."""
+    return any(ROLE_CODE[b.role] in MEDIA_CODES for b in seq.blocks)
 
 
 def _expand_visuals(ids: list[int], visuals: list[Visual], tokenizer: LanceTokenizer) -> tuple[list[int], list[Block]]:

@@ -74,6 +74,7 @@ class GenerationSettings:
     cancel: Callable[[], bool] | None = None
     context: LanceContext | None = None
     negative_prompt: str = ""          # the uncond branch's text in the caption's place ("" = the official dropped caption)
+    image_cfg_scale: float = 1.0       # edits: image CFG (1 = off, the official behaviour; see sampler.py)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
@@ -99,6 +100,7 @@ class GenerationSettings:
             raise InputError(f"cfg_interval must satisfy low <= high, got {tuple(self.cfg_interval)}")
         require_choice(self.cfg_renorm, "cfg_renorm", RENORM_TYPES)
         require_float(self.cfg_renorm_min, "cfg_renorm_min", 0.0, 1.0)
+        require_float(self.image_cfg_scale, "image_cfg_scale", 0.0, 1000.0)
         require_seed(self.seed, "seed")
         require_int(self.batch_size, "batch_size", 1, MAX_BATCH)
         if self.batched_cfg is not None:
@@ -114,7 +116,7 @@ class GenerationSettings:
 
     def sampler_options(self) -> SamplerOptions:
         guidance = GuidanceOptions(float(self.cfg_scale), tuple(self.cfg_interval), self.cfg_renorm,
-                                   float(self.cfg_renorm_min), self.uncond_positions)
+                                   float(self.cfg_renorm_min), self.uncond_positions, float(self.image_cfg_scale))
         state = torch.float32 if self.euler_state == "fp32" else torch.bfloat16
         return SamplerOptions(int(self.steps), float(self.shift), guidance, self.batched_cfg, state)
 
@@ -609,9 +611,12 @@ def _fingerprint(paths: ReleasePaths) -> str:
 
 def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
-               memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False) -> LancePipeline:
+               memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
+               weights_device: str | torch.device | None = None) -> LancePipeline:
     """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU. memory "offload" keeps the weights
-    in CPU memory and moves each stage (ViT, LLM, VAE) to the device only while it runs. vit_weights: "vit"
+    in CPU memory and moves each stage (ViT, LLM, VAE) to the device only while it runs. weights_device (resident
+    only): where the weights are built when that is not `device`, for a host that moves or streams them itself
+    (ComfyUI's model patcher); activations and the KV cache always live on `device`. vit_weights: "vit"
     (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the vit_model.* tensors of model.safetensors).
     vae_tiling: spatially tiled VAE encode/decode (less memory, pixels differ slightly from untiled; off as in
     the reference - untiled 480p x 121 frames already fits 12 GB)."""
@@ -623,7 +628,10 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     file_state = paths.snapshot()   # before reading: a file replaced during the load counts as changed
     execution_device = resolve_device(device)
     dtype = resolve_dtype(dtype, execution_device)
-    load_device = torch.device("cpu") if memory == "offload" else execution_device
+    if memory == "offload":
+        load_device = torch.device("cpu")
+    else:
+        load_device = resolve_device(weights_device) if weights_device is not None else execution_device
     # all configs against their weight headers first: a broken ViT config must not wait for the LLM to load
     lance_vit = paths.llm_weights if vit_weights == "lance" else None
     check_llm_files(paths, operations or TorchOps)

@@ -1,13 +1,18 @@
-"""Flow-matching sampler with text CFG over a prefilled KV cache.
+"""Flow-matching sampler with text CFG (and optional image CFG for edits) over a prefilled KV cache.
 
 The conditioning prefix (everything before the target block) is prefilled once per CFG branch; each step then
-runs only the target block `[vision_start | latents | vision_end]` against the cache. Conditional and
-unconditional branches run in one batched forward (rows [cond x B, uncond x B]): projections and MLPs are
-batched, attention runs once per branch over exactly that branch's keys (no padding mask).
+runs only the target block `[vision_start | latents | vision_end]` against the cache. The branches run in one
+batched forward (rows [cond x B, uncond x B, image-uncond x B]): projections and MLPs are batched, attention runs
+once per branch over exactly that branch's keys (no padding mask).
+
+Branches: cond (the whole prefix), uncond (the caption dropped, or a negative prompt in its place) and, with
+image CFG, image-uncond (the uncond branch without the ViT/source media blocks). The guided velocity is
+v_u + g_t (v_c - v_u) with text CFG only, and v_uu + g_t (v_c - v_u) + g_v (v_u - v_uu) with image CFG, which
+is the former exactly when g_v = 1 (so image CFG is off at 1 and no third branch runs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -15,7 +20,7 @@ import torch
 from .errors import Cancelled, InputError
 from .kv_cache import KVCache
 from .llm import CacheSlot, LanceLLM, prefill_splits, query_segments
-from .packing import PackedSequence, drop_caption
+from .packing import CAPTION_CODES, MEDIA_CODES, PackedSequence, drop_codes, has_media
 
 RENORM_TYPES = ("global", "channel", "none")
 BATCHED_CFG_MAX_TOKENS = 16384
@@ -30,6 +35,8 @@ class GuidanceOptions:
     renorm_min: float = 0.0
     # reference_kv: the uncond prefix keeps the cond positions (the official KV path); contiguous: recomputed
     uncond_positions: str = "reference_kv"
+    # image CFG (edits): g_v of v_uu + g_t (v_c - v_u) + g_v (v_u - v_uu); 1 = off (the official behaviour)
+    image_scale: float = 1.0
 
     def validate(self) -> None:
         if not self.scale >= 1.0:
@@ -39,11 +46,17 @@ class GuidanceOptions:
             raise InputError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {self.interval}")
         if self.renorm not in RENORM_TYPES:
             raise InputError(f"cfg_renorm must be one of {RENORM_TYPES}, got {self.renorm!r}")
+        if not 0.0 <= self.image_scale <= 1000.0:
+            raise InputError(f"image_cfg_scale must be within [0, 1000], got {self.image_scale}")
         if self.uncond_positions not in UNCOND_POSITIONS:
             raise InputError(f"uncond_positions must be one of {UNCOND_POSITIONS}, got {self.uncond_positions!r}")
 
+    @property
+    def image_guided(self) -> bool:
+        return self.image_scale != 1.0
+
     def active(self, t: float) -> bool:
-        return self.scale > 1.0 and self.interval[0] < t <= self.interval[1]
+        return (self.scale > 1.0 or self.image_guided) and self.interval[0] < t <= self.interval[1]
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,16 @@ class StepInfo:
     v_cond: torch.Tensor             # [B, N, C]
     v_uncond: torch.Tensor | None
     v: torch.Tensor                  # velocity used for the update (after CFG and renorm)
+    v_image_uncond: torch.Tensor | None = None   # image CFG's media-dropped branch
+
+
+def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, v_image_uncond: torch.Tensor | None,
+                    guidance: GuidanceOptions) -> torch.Tensor:
+    """Text CFG, plus image CFG when the media-dropped branch ran; then the renorm against v_cond."""
+    v = v_uncond + guidance.scale * (v_cond - v_uncond)
+    if v_image_uncond is not None:
+        v = v + (guidance.image_scale - 1.0) * (v_uncond - v_image_uncond)   # = v_uu + g_t(..) + g_v(v_u - v_uu)
+    return renormalize(v, v_cond, guidance.renorm, guidance.renorm_min)
 
 
 def flow_timesteps(steps: int, shift: float) -> torch.Tensor:
@@ -130,19 +153,21 @@ class TargetBlock:
 
 
 def prefill_branch(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, cache: KVCache, row: int,
-                   uncond: bool, uncond_positions: str = "reference_kv") -> BranchSlot:
-    """Prefill one branch's prefix into cache row `row`: the whole prefix (cond), or the prefix without the
-    caption (uncond; its positions per `uncond_positions`). Returns the branch's one-row slot."""
+                   dropped: tuple[int, ...] = (), uncond_positions: str = "reference_kv") -> BranchSlot:
+    """Prefill one branch's prefix into cache row `row`: the whole prefix (cond, nothing `dropped`), or the prefix
+    without the tokens of the `dropped` codes (the caption: uncond; plus the media: image-uncond), its positions
+    per `uncond_positions`. Returns the branch's one-row slot."""
     pos, target = seq.positions, seq.target_split
     prefix_len = target.start
-    if not uncond:
+    if not dropped:
         prefix_splits = [s for s in seq.splits if s.end <= prefix_len]
         prefill_splits(llm, embeds[:prefix_len], pos, prefix_splits, seq.gen_mask, cache, row=row)
         return BranchSlot(slice(row, row + 1), prefix_len, pos[:, target.start:target.end])
-    keep, uncond_pos = drop_caption(seq, llm.config)
+    keep, uncond_pos = drop_codes(seq, llm.config, dropped)
     kept_prefix = keep[keep < prefix_len]
     prefix_pos = pos[:, kept_prefix] if uncond_positions == "reference_kv" else uncond_pos[:, :len(kept_prefix)]
-    prefill_splits(llm, embeds[kept_prefix], prefix_pos, _kept_splits(seq, prefix_len), seq.gen_mask, cache, row=row)
+    kept_splits = [s for s in seq.splits if s.end <= prefix_len and s.code not in dropped]  # reference rule
+    prefill_splits(llm, embeds[kept_prefix], prefix_pos, kept_splits, seq.gen_mask, cache, row=row)
     length = len(kept_prefix)
     return BranchSlot(slice(row, row + 1), length, uncond_pos[:, length:length + target.length])
 
@@ -165,6 +190,30 @@ def batched_cfg_fits(rows: int, query_len: int) -> bool:
     return rows * query_len <= BATCHED_CFG_MAX_TOKENS
 
 
+@dataclass(frozen=True)
+class BranchPrefix:
+    """What one CFG branch prefills: a packed sequence, its input embeddings, the codes it drops and how its
+    positions are laid out (None: GuidanceOptions.uncond_positions)."""
+
+    seq: PackedSequence
+    embeds: torch.Tensor
+    dropped: tuple[int, ...] = ()
+    positions: str | None = None
+
+
+def branch_prefixes(seq: PackedSequence, embeds: torch.Tensor, negative: tuple[PackedSequence, torch.Tensor] | None,
+                    count: int) -> list[BranchPrefix]:
+    """The first `count` of [cond, uncond, image-uncond]. A negative prompt is the uncond prefix (nothing
+    dropped); image-uncond is the uncond prefix without its media, positioned as if they never were there (kept
+    positions would leave gaps sized by the media and the caption, which this branch must not see)."""
+    uncond = BranchPrefix(seq, embeds, CAPTION_CODES) if negative is None else BranchPrefix(*negative)
+    if count == 3 and not has_media(seq):
+        raise InputError("image_cfg_scale: this request has no image or video input to guide by (image CFG is "
+                         "for edits); set it to 1")
+    image_uncond = replace(uncond, dropped=uncond.dropped + MEDIA_CODES, positions="contiguous")
+    return [BranchPrefix(seq, embeds), uncond, image_uncond][:count]
+
+
 class FlowSampler:
     def __init__(self, llm: LanceLLM, seq: PackedSequence, prefix_embeds: torch.Tensor, target_pos_embed: torch.Tensor,
                  options: SamplerOptions, batch: int, negative: tuple[PackedSequence, torch.Tensor] | None = None):
@@ -177,24 +226,20 @@ class FlowSampler:
         self.block = TargetBlock(seq, prefix_embeds, target_pos_embed)
         self.timesteps = flow_timesteps(options.steps, options.shift)
         self.guided = any(options.guidance.active(float(t)) for t in self.timesteps[:-1])
-        self.branches = 2 if self.guided else 1
-        self.negative = negative
-        sequences = [seq] + ([negative[0]] if negative is not None else [])
-        capacity = max(s.target_split.start + s.target_split.length for s in sequences)
-        self.cache = llm.new_cache(batch * self.branches, capacity)
-        self._prefill(prefix_embeds)
+        count = (3 if options.guidance.image_guided else 2) if self.guided else 1
+        prefixes = branch_prefixes(seq, prefix_embeds, negative, count)
+        capacity = max(p.seq.target_split.start + p.seq.target_split.length for p in prefixes)
+        self.cache = llm.new_cache(batch * len(prefixes), capacity)
+        self._prefill(prefixes)
 
     # -- prefix -----------------------------------------------------------------------------------------
-    def _prefill(self, embeds: torch.Tensor) -> None:
+    def _prefill(self, prefixes: list[BranchPrefix]) -> None:
         """Branch b's prefix goes to row b * batch and is copied to the branch's other rows (one per seed)."""
         self.slots = []
-        for branch in range(self.branches):
+        for branch, prefix in enumerate(prefixes):
             row = branch * self.batch
-            if branch == 1 and self.negative is not None:
-                slot = prefill_branch(self.llm, self.negative[0], self.negative[1], self.cache, row, uncond=False)
-            else:
-                slot = prefill_branch(self.llm, self.seq, embeds, self.cache, row, uncond=branch == 1,
-                                      uncond_positions=self.opts.guidance.uncond_positions)
+            slot = prefill_branch(self.llm, prefix.seq, prefix.embeds, self.cache, row, prefix.dropped,
+                                  prefix.positions or self.opts.guidance.uncond_positions)
             self.cache.copy_rows(row, range(row + 1, row + self.batch), slot.length)
             self.slots.append(BranchSlot(slice(row, row + self.batch), slot.length, slot.query_pos))
 
@@ -207,39 +252,31 @@ class FlowSampler:
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled at step {i + 1}/{total}")
             t, dt = float(self.timesteps[i]), float(self.timesteps[i] - self.timesteps[i + 1])
-            v_cond, v_uncond = self._velocities(x, t, frozen)
-            v = v_cond
-            if v_uncond is not None:
-                g = self.opts.guidance
-                v = renormalize(v_uncond + g.scale * (v_cond - v_uncond), v_cond, g.renorm, g.renorm_min)
+            v_cond, v_uncond, v_image_uncond = self._velocities(x, t, frozen)
+            v = v_cond if v_uncond is None else guided_velocity(v_cond, v_uncond, v_image_uncond, self.opts.guidance)
             x0 = x.float() - t * v
             x0[:, :frozen] = x[:, :frozen].float()
             x[:, frozen:] = (x[:, frozen:].float() - v[:, frozen:] * dt).to(x.dtype)
             if on_step is not None:
-                on_step(StepInfo(i, total, t, x0, v_cond, v_uncond, v))
+                on_step(StepInfo(i, total, t, x0, v_cond, v_uncond, v, v_image_uncond))
         return x.float()
 
-    def _velocities(self, x: torch.Tensor, t: float, frozen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _velocities(self, x: torch.Tensor, t: float, frozen: int) -> list[torch.Tensor | None]:
+        """[v_cond, v_uncond, v_image_uncond], None for the branches that do not run at t."""
         b, n = x.shape[0], x.shape[1]
         t_tokens = torch.full((b, n), t, dtype=torch.float32)
         t_tokens[:, :frozen] = 0.0
         query = self.block.query(self.llm, x, t_tokens)
-        cond = self.slots[0]
-        if not (self.guided and self.opts.guidance.active(t)):
-            return self._forward(query, [cond]), None
-        uncond = self.slots[1]
+        slots = self.slots if self.guided and self.opts.guidance.active(t) else self.slots[:1]
         batched = self.opts.batched_cfg
         if batched is None:
             batched = batched_cfg_fits(query.shape[0], query.shape[1])
-        if not batched:
-            return self._forward(query, [cond]), self._forward(query, [uncond])
-        v = self._forward(torch.cat([query, query]), [cond, uncond])
-        return v[:b], v[b:]
+        if batched and len(slots) > 1:
+            velocities = list(self._forward(torch.cat([query] * len(slots)), slots).split(b))
+        else:
+            velocities = [self._forward(query, [slot]) for slot in slots]
+        return velocities + [None] * (3 - len(velocities))
 
     def _forward(self, query: torch.Tensor, slots: list[BranchSlot]) -> torch.Tensor:
         return slot_velocities(self.llm, self.cache, self.block, query, slots)
 
-
-def _kept_splits(seq: PackedSequence, prefix_len: int) -> list:
-    """Prefix splits of the uncond branch: those whose first token is not the caption (reference rule)."""
-    return [s for s in seq.splits if s.end <= prefix_len and s.code != 0]

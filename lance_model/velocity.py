@@ -2,9 +2,9 @@
 lance_nodes/native_model.py), with the prefix KV cache built lazily inside.
 
 The host asks for velocities of the target latents of several chunks at once, each chunk tied to a
-`BranchRequest` (a request and which of its branches) and a role (0 = positive, 1 = negative slot). The prefix
-of every (request, branch) is prefilled once into one shared cache, laid out as the library sampler lays it out
-(positive rows first, one row per sample), so the velocities equal `FlowSampler`'s. `reset()` drops the cache;
+`BranchRequest` (a request and which of its branches). The prefix of every (request, branch) is prefilled once
+into one shared cache, laid out as the library sampler lays it out (cond rows first, then uncond, then
+image-uncond, one row per sample), so the velocities equal `FlowSampler`'s. `reset()` drops the cache;
 a host calls it once per sampling run.
 """
 from __future__ import annotations
@@ -17,21 +17,48 @@ from .errors import InputError
 from .generation import GenerationInputs, latent_pos_embed, prefix_embeddings
 from .llm import LanceLLM
 from .packing import PackedSequence
+from .packing import CAPTION_CODES, MEDIA_CODES, has_media  # noqa: F401 (has_media: for hosts)
 from .sampler import BranchSlot, TargetBlock, batched_cfg_fits, prefill_branch, slot_velocities
+
+BRANCH_ORDER = ("cond", "uncond", "image_uncond")   # the library sampler's row order of the CFG branches
 
 
 @dataclass(frozen=True, eq=False)
 class BranchRequest:
-    """A request and one of its branches: the full prefix (`uncond=False`), or the prefix without the caption
-    (`uncond=True`, the official unconditional branch)."""
+    """A request and one of its CFG branches: its prefix without the tokens of the `dropped` codes (none: the
+    full prefix; the caption: the official unconditional branch; plus the media: image CFG's branch). `kind`
+    (one of BRANCH_ORDER) places its rows in the cache as the library sampler does."""
 
     inputs: GenerationInputs
-    uncond: bool = False
+    dropped: tuple[int, ...] = ()
+    kind: str = "cond"
     uncond_positions: str = "reference_kv"
 
     @property
     def key(self) -> tuple:
-        return (id(self.inputs), self.uncond, self.uncond_positions)
+        return (id(self.inputs), self.dropped, self.uncond_positions)
+
+    @property
+    def rank(self) -> int:
+        return BRANCH_ORDER.index(self.kind)
+
+
+def cfg_branches(inputs: GenerationInputs, image_cfg: bool = False) -> list[BranchRequest]:
+    """[cond, uncond] (+ image-uncond) requests of one generation request. The uncond branch is the negative
+    prompt when the request has one, else the caption dropped; image-uncond is uncond without its media."""
+    cond = BranchRequest(inputs)
+    if inputs.negative_seq is not None:
+        uncond = BranchRequest(with_sequence(inputs, inputs.negative_seq), kind="uncond")
+    else:
+        uncond = BranchRequest(inputs, CAPTION_CODES, kind="uncond")
+    if not image_cfg:
+        return [cond, uncond]
+    if not has_media(inputs.seq):
+        raise InputError("image_negative: this request has no image or video input, so there is no image CFG "
+                         "branch (it is for edits)")
+    # positioned without the media (as the library's image-uncond branch, sampler.branch_prefixes)
+    return [cond, uncond, replace(uncond, dropped=uncond.dropped + MEDIA_CODES, kind="image_uncond",
+                                  uncond_positions="contiguous")]
 
 
 def with_sequence(inputs: GenerationInputs, seq: PackedSequence) -> GenerationInputs:
@@ -61,19 +88,19 @@ class PrefixVelocity:
             return 0
         return sum(k.numel() * k.element_size() * 2 for k in self._cache.keys)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, branches: list[BranchRequest], roles: list[int],
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, branches: list[BranchRequest],
                  batched: bool | None = None) -> torch.Tensor:
         """x [R, N, C] target latents (normalized) as len(branches) equal chunks of rows, t [R] one timestep per
-        row, roles[i] the slot of chunk i (0 positive, 1 negative). Returns the velocities [R, N, C] (fp32) in
-        x's row order. Chunks run positive first, batched as the library does (auto: by size)."""
-        if len(branches) != len(roles) or x.shape[0] % len(branches):
+        row. Returns the velocities [R, N, C] (fp32) in x's row order. Chunks run in the library's branch order
+        (cond first), batched as the library does (auto: by size)."""
+        if x.shape[0] % len(branches):
             raise InputError(f"{x.shape[0]} latent rows cannot be split into {len(branches)} branch chunks")
         rows = x.shape[0] // len(branches)
         for branch in branches:
             if branch.inputs.target.tokens != x.shape[1]:
                 raise InputError(f"the latent has {x.shape[1]} tokens but the conditioning's target block expects "
                                  f"{branch.inputs.target.tokens}: use the LATENT made with this conditioning")
-        order = sorted(range(len(branches)), key=lambda i: roles[i])
+        order = sorted(range(len(branches)), key=lambda i: branches[i].rank)
         with torch.no_grad():
             self._ensure([branches[i] for i in order], rows)
             queries = self._queries([branches[i] for i in order], [x[i * rows:(i + 1) * rows] for i in order],
@@ -99,14 +126,14 @@ class PrefixVelocity:
             return
         known = list(self._requests.values()) if rows == self._rows else []
         wanted = {b.key: b for b in known + branches}
-        ordered = sorted(wanted.values(), key=lambda b: b.uncond)
+        ordered = sorted(wanted.values(), key=lambda b: b.rank)
         capacity = max(b.inputs.seq.target_split.start + b.inputs.seq.target_split.length for b in ordered)
         self._cache = self.llm.new_cache(rows * len(ordered), capacity)
         self._slots, self._requests, self._rows = {}, {}, rows
         for index, branch in enumerate(ordered):
             row = index * rows
             slot = prefill_branch(self.llm, branch.inputs.seq, self._prefix_embeds(branch.inputs), self._cache, row,
-                                  uncond=branch.uncond, uncond_positions=branch.uncond_positions)
+                                  branch.dropped, branch.uncond_positions)
             self._cache.copy_rows(row, range(row + 1, row + rows), slot.length)
             self._slots[branch.key] = BranchSlot(slice(row, row + rows), slot.length, slot.query_pos)
             self._requests[branch.key] = branch

@@ -7,4 +7,6 @@ NODE_IDS = (
     "LanceDecode", "LanceContextView",
 )
 # the opt-in native nodes (Lance as a core MODEL, lance_nodes/native_nodes.py)
-NATIVE_NODE_IDS = ("LanceModel", "LanceConditioning", "LanceScheduler", "LanceNoise", "LanceGuidance")
+NATIVE_NODE_IDS = (
+    "LanceModel", "LanceConditioning", "LanceScheduler", "LanceNoise", "LanceGuidance", "LanceEditGuider",
+)

@@ -84,11 +84,10 @@ class LanceDiffusion(torch.nn.Module):
         if not requests:
             raise input_error("positive/negative: the Lance MODEL needs conditioning from a 'Lance Conditioning' "
                               "node (text-encoder conditioning such as CLIPTextEncode does not apply)")
-        roles = list(transformer_options.get("cond_or_uncond") or [0] * len(requests))
         self.calls += 1
         gen = library_module("generation")
         tokens = gen.video_to_tokens(x).contiguous()  # contiguous: a strided view changes bf16 GEMM results
-        v = self.velocity(tokens, timestep.reshape(-1), requests, roles)
+        v = self.velocity(tokens, timestep.reshape(-1), requests)
         b, c, t, h, w = x.shape
         return gen.tokens_to_video(v, gen.LatentGrid(t, h, w)).to(x.dtype)
 

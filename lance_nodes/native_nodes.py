@@ -15,7 +15,8 @@ from . import runtime
 from .compat import io, schema
 from .library import input_error, node_errors
 from .native_model import conditioning, is_lance_patcher, library_module, request_of
-from .native_sampling import LanceNoise, apply_guidance, lance_flow_sigmas, register_scheduler
+from .native_sampling import LanceNoise, apply_guidance, edit_guider, guidance_options, lance_flow_sigmas, \
+    register_scheduler
 from .nodes import CATEGORY, CFG_RENORM, IMAGE_RESOLUTIONS, MAX_FRAMES, MAX_SIZE, SEED_MAX, SIZE_STEP, \
     VIDEO_RESOLUTIONS, LanceModelType
 
@@ -29,7 +30,8 @@ def native_patcher(model) -> object:
     """The loaded release's one ModelPatcher, as a core MODEL."""
     model = runtime.check_model(model)
     if model.patcher is None:
-        raise input_error("model: the native (core MODEL) path needs memory_mode 'resident' on the Lance Loader; "
+        raise input_error("model: the native (core MODEL) path needs memory_mode 'resident' or 'dynamic' on the "
+                          "Lance Loader; "
                           "'offload' moves the weights itself, which ComfyUI's sampler memory management does not "
                           "expect. ComfyUI still offloads a resident model under memory pressure.")
     if not is_lance_patcher(model.patcher):
@@ -55,15 +57,14 @@ class LanceModelNode(io.ComfyNode):
 
 
 def build_conditioning(pipe, inputs, batch_size: int = 1):
-    """positive / negative CONDITIONING and the LATENT to sample for one request. The negative is the request's
-    negative prompt when it has one, else its caption-dropped branch (the official unconditional)."""
+    """positive / negative / image-negative CONDITIONING and the LATENT to sample for one request. The negative
+    is the request's negative prompt when it has one, else its caption-dropped branch (the official
+    unconditional); the image-negative (for image CFG on edits) is the negative without the source media."""
     velocity = library_module("velocity")
-    positive = velocity.BranchRequest(inputs)
-    if inputs.negative_seq is not None:
-        negative = velocity.BranchRequest(velocity.with_sequence(inputs, inputs.negative_seq))
-    else:
-        negative = velocity.BranchRequest(inputs, uncond=True)
-    return conditioning(positive), conditioning(negative), empty_latent(pipe, inputs, batch_size)
+    branches = velocity.cfg_branches(inputs, image_cfg=velocity.has_media(inputs.seq))
+    # without media there is no image branch: the negative stands in (the Lance Edit Guider refuses image CFG)
+    positive, negative, image_negative = (conditioning(b) for b in (branches + branches[1:])[:3])
+    return positive, negative, empty_latent(pipe, inputs, batch_size), image_negative
 
 
 def empty_latent(pipe, inputs, batch_size: int) -> dict:
@@ -111,7 +112,10 @@ class LanceConditioning(io.ComfyNode):
                                tooltip="video_edit: the video's frame rate (frames are sampled as in training)."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
-                     io.Latent.Output(display_name="latent")],
+                     io.Latent.Output(display_name="latent"),
+                     io.Conditioning.Output(display_name="image_negative",
+                                            tooltip="Edits: the negative without the source image/video, for "
+                                                    "image CFG in the Lance Edit Guider.")],
         )
 
     @classmethod
@@ -212,4 +216,39 @@ class LanceGuidance(io.ComfyNode):
         return io.NodeOutput(apply_guidance(model, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min))
 
 
-NATIVE_NODES = [LanceModelNode, LanceConditioning, LanceScheduler, LanceNoiseNode, LanceGuidance]
+class LanceEditGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="LanceEditGuider", display_name="Lance Edit Guider", category=NATIVE_CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced with Lance's text CFG and image CFG for edits "
+                        "(v_uu + cfg (v_c - v_u) + image_cfg (v_u - v_uu)), its interval and renorm. Use it with "
+                        "the plain Lance Model (no Lance Guidance needed).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("image_negative", tooltip="The image_negative output of Lance Conditioning."),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="Text CFG scale."),
+                io.Float.Input("image_cfg", default=1.0, min=0.0, max=20.0, step=0.05,
+                               tooltip="Image CFG scale: above 1 stays closer to the source; 1 = off."),
+                io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guidance applies for start < t <= end."),
+                io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global"),
+                io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[io.Guider.Output(display_name="GUIDER")],
+        )
+
+    @classmethod
+    @node_errors
+    def execute(cls, model, positive, negative, image_negative, cfg, image_cfg, cfg_interval_start,
+                cfg_interval_end, cfg_renorm, cfg_renorm_min):
+        runtime.check_finite(cfg=cfg, image_cfg=image_cfg, cfg_interval_start=cfg_interval_start,
+                             cfg_interval_end=cfg_interval_end, cfg_renorm_min=cfg_renorm_min)
+        options = guidance_options(cfg, cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, image_cfg)
+        return io.NodeOutput(edit_guider(model, positive, negative, image_negative, options))
+
+
+NATIVE_NODES = [LanceModelNode, LanceConditioning, LanceScheduler, LanceNoiseNode, LanceGuidance, LanceEditGuiderNode]

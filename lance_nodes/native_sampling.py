@@ -3,12 +3,14 @@ per-seed noise (a NOISE object for SamplerCustomAdvanced), and CFG interval + re
 work under KSampler and CFGGuider alike). The math is the library's; this module only connects it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import comfy.patcher_extension
 import comfy.samplers
 import torch
 
 from .library import input_error
-from .native_model import library_module
+from .native_model import library_module, request_of
 
 SCHEDULER = "lance_flow"
 
@@ -51,23 +53,35 @@ class LanceNoise:
 
 
 # ---------------------------------------------------------------- guidance
-class GuidedRenorm:
-    """sampler_cfg_function: plain CFG on core's sigma*v values, then Lance's renorm (the norm ratio does not
-    depend on sigma). With cfg 1 (outside the interval) it returns the conditional prediction unchanged."""
+def guidance_options(scale: float, low: float, high: float, renorm: str, renorm_min: float, image_scale: float = 1.0):
+    """The library's GuidanceOptions, validated (its InputError names the input)."""
+    options = library_module("sampler").GuidanceOptions(float(scale), (float(low), float(high)), renorm,
+                                                        float(renorm_min), image_scale=float(image_scale))
+    options.validate()
+    return options
 
-    def __init__(self, renorm: str, renorm_min: float):
-        self.renorm, self.renorm_min = renorm, float(renorm_min)
+
+def guided(cond, uncond, image_uncond, options) -> torch.Tensor:
+    """The library's guided velocity (text CFG, image CFG when `image_uncond` is given, renorm) on core's
+    [B, C, t, h, w] sigma*v values: the combination is linear and the renorm ratio does not depend on sigma."""
+    gen, sampler = library_module("generation"), library_module("sampler")
+    b, _, t, h, w = cond.shape
+    tokens = [None if v is None else gen.video_to_tokens(v) for v in (cond, uncond, image_uncond)]
+    return gen.tokens_to_video(sampler.guided_velocity(*tokens, options), gen.LatentGrid(t, h, w))
+
+
+class GuidedRenorm:
+    """sampler_cfg_function: plain CFG on core's sigma*v values, then Lance's renorm. With cfg 1 (outside the
+    interval) it returns the conditional prediction unchanged."""
+
+    def __init__(self, options):
+        self.options = options
 
     def __call__(self, args: dict) -> torch.Tensor:
         cond, uncond, scale = args["cond"], args["uncond"], args["cond_scale"]
         if args.get("input_uncond") is None:
             return cond
-        guided = uncond + scale * (cond - uncond)
-        gen, sampler = library_module("generation"), library_module("sampler")
-        b, _, t, h, w = guided.shape
-        renormed = sampler.renormalize(gen.video_to_tokens(guided), gen.video_to_tokens(cond), self.renorm,
-                                       self.renorm_min)
-        return gen.tokens_to_video(renormed, gen.LatentGrid(t, h, w))
+        return guided(cond, uncond, None, replace(self.options, scale=float(scale)))  # any sampler cfg
 
 
 class GuidanceInterval:
@@ -92,12 +106,45 @@ class GuidanceInterval:
 
 def apply_guidance(model, low: float, high: float, renorm: str, renorm_min: float):
     """A clone of the MODEL with Lance's CFG interval and renorm."""
-    if not 0.0 <= low <= high <= 1.0:
-        raise input_error(f"cfg_interval: must satisfy 0 <= start <= end <= 1, got ({low}, {high})")
-    if renorm not in library_module("sampler").RENORM_TYPES:
-        raise input_error(f"cfg_renorm: expected one of {library_module('sampler').RENORM_TYPES}, got {renorm!r}")
+    options = guidance_options(1.0, low, high, renorm, renorm_min)
     patched = model.clone()
-    patched.set_model_sampler_cfg_function(GuidedRenorm(renorm, renorm_min))
+    patched.set_model_sampler_cfg_function(GuidedRenorm(options))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "lance_cfg_interval",
                                  GuidanceInterval(low, high))
     return patched
+
+
+class LanceEditGuider(comfy.samplers.CFGGuider):
+    """Text + image CFG for edits, exactly the library sampler's: v_uu + g_t (v_c - v_u) + g_v (v_u - v_uu)
+    inside the interval, then the renorm; only the positive forward runs outside it. image_cfg 1 is plain text
+    CFG (no image-negative forward)."""
+
+    def set_guidance(self, positive, negative, image_negative, options) -> None:
+        self.options = options
+        conds = {"positive": positive, "negative": negative}
+        if options.image_guided:
+            conds["image_negative"] = image_negative
+        self.inner_set_conds(conds)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma, g = float(timestep.flatten()[0]), self.options
+        names = ["positive"]
+        if g.active(sigma):
+            names += ["negative", "image_negative"] if g.image_guided else ["negative"]
+        denoised = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get(n) for n in names], x, timestep,
+                                                  model_options)
+        if len(denoised) == 1:
+            return denoised[0]
+        sigma_v = [x - d for d in denoised] + [None] * (3 - len(denoised))   # x0 = x - sigma * v
+        return x - guided(*sigma_v, g)
+
+
+def edit_guider(model, positive, negative, image_negative, options) -> LanceEditGuider:
+    if options.image_guided and request_of(image_negative, "image_negative").kind != "image_uncond":
+        raise input_error("image_negative: this conditioning has no image or video input (image CFG is for "
+                          "edits); connect the image_negative of an edit's Lance Conditioning or set image_cfg to 1")
+    for name, cond in (("positive", positive), ("negative", negative)):
+        request_of(cond, name)
+    guider = LanceEditGuider(model)
+    guider.set_guidance(positive, negative, image_negative, options)
+    return guider

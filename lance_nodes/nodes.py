@@ -42,6 +42,13 @@ def _negative_prompt_input():
                 "Empty = the official guidance. For edits, naming what must not change helps keep it.")
 
 
+def _image_cfg_input():
+    return io.Float.Input(
+        "image_cfg_scale", display_name="Image CFG scale", optional=True, default=1.0, min=0.0, max=20.0, step=0.05,
+        tooltip="Image guidance for edits: above 1 keeps the result closer to the source, below 1 lets it change "
+                "more. 1 = off (the official guidance); other values add a third model pass per guided step.")
+
+
 def _sampling_inputs(steps: int = 30):
     return [
         io.Int.Input("steps", display_name="Steps", default=steps, min=1, max=200, step=1,
@@ -73,18 +80,22 @@ def _sampling_inputs(steps: int = 30):
 
 
 def _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm,
-             cfg_renorm_min, seed, batch_size):
-    """The common start of every sampling node: checked model and context, and the library's options."""
+             cfg_renorm_min, seed, batch_size, image_cfg_scale=None):
+    """The common start of every sampling node: checked model and context, and the library's options
+    (image_cfg_scale: edit nodes only)."""
     model = runtime.check_model(model)
     context = runtime.check_context(context, model)
     runtime.check_finite(shift=shift, cfg_scale=cfg_scale, cfg_interval_start=cfg_interval_start,
-                         cfg_interval_end=cfg_interval_end, cfg_renorm_min=cfg_renorm_min)
+                         cfg_interval_end=cfg_interval_end, cfg_renorm_min=cfg_renorm_min,
+                         image_cfg_scale=image_cfg_scale)
     if cfg_interval_start > cfg_interval_end:
         raise input_error(f"cfg_interval_start ({cfg_interval_start}) must not be greater than "
                           f"cfg_interval_end ({cfg_interval_end})")
     options = dict(steps=int(steps), shift=float(shift), cfg_scale=float(cfg_scale),
                    cfg_interval=(float(cfg_interval_start), float(cfg_interval_end)), cfg_renorm=cfg_renorm,
                    cfg_renorm_min=float(cfg_renorm_min), seed=int(seed), batch_size=int(batch_size), context=context)
+    if image_cfg_scale is not None:
+        options["image_cfg_scale"] = float(image_cfg_scale)
     return model, options
 
 
@@ -142,7 +153,9 @@ class LanceLoader(io.ComfyNode):
                 io.Combo.Input("memory_mode", display_name="Memory mode", options=list(runtime.MEMORY_MODES),
                                default="resident",
                                tooltip="resident: keep the weights on the GPU between runs. offload: move them "
-                                       "back to RAM after each node (for small GPUs)."),
+                                       "back to RAM after each node (for small GPUs). dynamic: keep them in RAM "
+                                       "and let ComfyUI's Dynamic VRAM stream them (newer ComfyUI on a GPU; "
+                                       "elsewhere ComfyUI loads them to the GPU as memory allows)."),
             ],
             outputs=[LanceModelType.Output(display_name="model")],
         )
@@ -257,6 +270,7 @@ class LanceEdit(io.ComfyNode):
                 *_sampling_inputs(30),
                 _context_input(),
                 _negative_prompt_input(),
+                _image_cfg_input(),
             ],
             outputs=[*_image_outputs(), _context_output()],
         )
@@ -264,9 +278,10 @@ class LanceEdit(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt=""):
+                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt="",
+                image_cfg_scale=1.0):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size)
+                              cfg_renorm, cfg_renorm_min, seed, batch_size, image_cfg_scale)
         image = runtime.check_image(image, "image")
         result = runtime.run(model, "edit_image", image, instruction, resolution=resolution,
                              negative_prompt=negative_prompt or "", **gen)
@@ -293,6 +308,7 @@ class LanceVideoEdit(io.ComfyNode):
                 _context_input(),
                 _source_fps_input(),
                 _negative_prompt_input(),
+                _image_cfg_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
@@ -301,9 +317,9 @@ class LanceVideoEdit(io.ComfyNode):
     @node_errors
     def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
                 cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, source_fps=0.0,
-                negative_prompt=""):
+                negative_prompt="", image_cfg_scale=1.0):
         model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size)
+                              cfg_renorm, cfg_renorm_min, seed, batch_size, image_cfg_scale)
         runtime.check_finite(fps=fps, source_fps=source_fps)
         video = runtime.check_video(video, "video")
         result = runtime.run(model, "edit_video", video, instruction, resolution=resolution,

@@ -64,7 +64,10 @@ _LIVE: "weakref.WeakValueDictionary[tuple, LanceModel]" = weakref.WeakValueDicti
 _LAST_USED: list[LanceModel] = []
 _CACHE_LOCK = threading.Lock()
 
-MEMORY_MODES = ("resident", "offload")
+# resident: the weights are built on the GPU and ComfyUI's classic patcher manages them; dynamic: built in RAM
+# for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads them to the GPU as memory allows);
+# offload: the library moves each stage to the GPU only while it runs
+MEMORY_MODES = ("resident", "offload", "dynamic")
 DOWNLOAD_HINT = ("Download the release with `hf download bytedance-research/Lance --local-dir "
                  "ComfyUI/models/lance/Lance-3B` (Lance_3B/, Lance_3B_Video/, Qwen2.5-VL-ViT/, Wan2.2_VAE.pth) "
                  "and refresh.")
@@ -116,13 +119,17 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
     # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
     # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
+    library_memory = "offload" if memory_mode == "offload" else "resident"
+    weights = compat.weight_device() if memory_mode == "dynamic" else None
+
     def build():
         return lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                        attention=attention, operations=compat.manual_cast_ops(), memory=memory_mode)
+                                        attention=attention, operations=compat.manual_cast_ops(),
+                                        memory=library_memory, weights_device=weights)
 
     pipe = build()
     # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
-    patcher = make_patcher(pipe, reload=build) if memory_mode == "resident" else None
+    patcher = make_patcher(pipe, reload=build) if memory_mode != "offload" else None
     # before a request that does not fit is refused, core may free other models' memory; a weak reference, so
     # that pipe -> hook -> patcher -> pipe is no cycle (a dropped model's weights are freed at once, not at gc)
     keep = weakref.ref(patcher) if patcher is not None else (lambda: None)

@@ -29,11 +29,11 @@ from tests.fixtures.comfy_env import (GOLDEN_DIR, REPO_ROOT, make_input_dir, mak
                                       require_host)
 from tests.fixtures.tiny_workflows import (EXPECTED, TINY_SIZE, bad_workflows, shipped_api_workflows,  # noqa: E402
                                            tiny)
+import lance_nodes  # noqa: E402  (node ids only: importing the package needs nothing from ComfyUI)
 
 pytestmark = pytest.mark.comfy
 
-NODE_IDS = "LanceLoader,LanceT2I,LanceT2V,LanceEdit,LanceVideoEdit,LanceUnderstand,LancePromptEnhance,LanceDecode," \
-           "LanceContextView,LanceModel,LanceConditioning,LanceScheduler,LanceNoise,LanceGuidance"
+NODE_IDS = ",".join(lance_nodes.NODE_IDS + lance_nodes.NATIVE_NODE_IDS)  # every node must register
 AFTER_BAD = "zz_after_bad_t2i"
 
 

@@ -55,7 +55,7 @@ def run_native(native, tiny_model, golden, name, **model_kw):
     pipe, hp = tiny_model.pipe, golden.hyper(name)
     settings = settings_for(golden, name, decode=False)
     inputs = prepare(pipe, golden, name, settings)
-    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    positive, negative, latent, _ = native.build_conditioning(pipe, inputs)
     model = core_model(native, tiny_model, hp, **model_kw)
     return sample_custom_advanced(native, model, positive, negative, latent, hp), inputs, settings
 
@@ -129,7 +129,7 @@ def test_native_parity_step0_velocities_bit_equal(native, tiny_model, golden, na
         if info.step == 0:
             captured.update(cond=info.v_cond.clone(), uncond=info.v_uncond.clone())
     pipe.generate(name, "x", inputs, settings, observer=observer)
-    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    positive, negative, latent, _ = native.build_conditioning(pipe, inputs)
     model, recorder = with_recorder(core_model(native, tiny_model, hp))
     sample_custom_advanced(native, model, positive, negative, latent, hp)
     roles, out = recorder.calls[0]
@@ -159,7 +159,7 @@ def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
     pipe, hp = tiny_model.pipe, golden.hyper(name)
     settings = settings_for(golden, name, decode=False)
     inputs = prepare(pipe, golden, name, settings)
-    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    positive, negative, latent, _ = native.build_conditioning(pipe, inputs)
     model = core_model(native, tiny_model, hp)
     seed = hp["validation_noise_seed"]
     assert "lance_flow" in core_nodes.KSampler.INPUT_TYPES()["required"]["scheduler"][0]
@@ -192,7 +192,7 @@ def t2i_run(native, tiny_model, golden, model=None, steps=T2I_STEPS):
     settings = settings_for(golden, name, decode=False)
     settings.steps = steps
     inputs = prepare(pipe, golden, name, settings)
-    positive, negative, latent = native.build_conditioning(pipe, inputs)
+    positive, negative, latent, _ = native.build_conditioning(pipe, inputs)
     model = model or core_model(native, tiny_model, hp)
     return sample_custom_advanced(native, model, positive, negative, latent, hp, steps=steps), inputs, settings
 
@@ -283,7 +283,7 @@ def test_native_rejects_foreign_conditioning(native, tiny_model, golden):
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     pipe = tiny_model.pipe
     inputs = pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
-    positive, _, latent = native.build_conditioning(pipe, inputs)
+    positive, _, latent, _ = native.build_conditioning(pipe, inputs)
     foreign = [[torch.zeros(1, 4, 8), {"pooled_output": None}]]
     model = core_model(native, tiny_model, hp)
     (guider,) = CFGGuider().get_guider(model, positive, foreign, 4.0)
@@ -297,7 +297,7 @@ def test_native_noise_rejects_a_foreign_latent(native, tiny_model, golden):
     from lance_nodes.library import InputError
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     inputs = tiny_model.pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
-    positive, _, _ = native.build_conditioning(tiny_model.pipe, inputs)
+    positive, _, _, _ = native.build_conditioning(tiny_model.pipe, inputs)
     noise = native.LanceNoiseNode.execute(1, positive).args[0]
     with pytest.raises(InputError, match="latent_image"):
         noise.generate_noise({"samples": torch.zeros(1, 4, 8, 8)})
@@ -325,7 +325,7 @@ def test_native_parity_negative_prompt_through_the_conditioning_node(native, tin
     name = golden.tasks("t2i", *GEN_TASKS)[0]
     hp = golden.hyper(name)
     w, h = hp["video_width"], hp["video_height"]
-    positive, negative, latent = native.LanceConditioning.execute(tiny_model, "t2i", hp["caption"], NEGATIVE, w, h,
+    positive, negative, latent, image_negative = native.LanceConditioning.execute(tiny_model, "t2i", hp["caption"], NEGATIVE, w, h,
                                                                   1, "auto", 1).args
     ours = sample_custom_advanced(native, core_model(native, tiny_model, hp), positive, negative, latent, hp)
     library = tiny_model.pipe.text_to_image(hp["caption"], width=w, height=h, negative_prompt=NEGATIVE,
@@ -360,7 +360,7 @@ def test_native_conditioning_node_matches_the_library_request(native, tiny_model
     target's size (i2v: frame 0 = the start image, masked)."""
     image = torch.rand(1, 64, 64, 3)
     video = torch.rand(5, 64, 64, 3)
-    positive, negative, latent = native.LanceConditioning.execute(
+    positive, negative, latent, image_negative = native.LanceConditioning.execute(
         tiny_model, task, "a cat", "", 64, 64, 5, "auto", 2, image=image if task != "video_edit" else None,
         video=video if task == "video_edit" else None).args
     from lance_nodes.native_model import request_of
@@ -376,7 +376,11 @@ def test_native_conditioning_node_matches_the_library_request(native, tiny_model
     assert torch.equal(request.seq.ids, expected.seq.ids)
     grid = request.target
     assert latent["samples"].shape == (2, 48, grid.frames, grid.height, grid.width)
-    assert request_of(negative, "negative").uncond and request_of(negative, "negative").inputs is request
+    uncond = request_of(negative, "negative")
+    assert uncond.kind == "uncond" and uncond.dropped and uncond.inputs is request
+    image_uncond = request_of(image_negative, "image_negative")
+    # i2v has no media blocks (its start frame is part of the target): the negative stands in
+    assert image_uncond.kind == ("uncond" if task == "t2v" else "image_uncond")
 
 
 def test_native_model_node_needs_resident_memory(native, nodes, models_dir):
@@ -392,7 +396,7 @@ def test_native_ksampler_latent_decodes_with_core_vae_decode(native, nodes, tiny
     import nodes as core_nodes
     from test_nodes_run import _core_wan22_vae
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
-    positive, negative, latent = native.LanceConditioning.execute(
+    positive, negative, latent, image_negative = native.LanceConditioning.execute(
         tiny_model, "t2i", hp["caption"], "", hp["video_width"], hp["video_height"], 1, "auto", 1).args
     (out,) = core_nodes.KSampler().sample(core_model(native, tiny_model, hp), 7, 3, 4.0, "euler", "lance_flow",
                                           positive, negative, latent)
@@ -541,3 +545,55 @@ def test_native_lora_file_format_through_core_loader(native, tiny_model, golden)
     print(f"[native] LoRA (lora_unet_ keys, strength 0.5): output change {(patched - plain).abs().max():.3e}")
     assert (patched - plain).abs().max() > 1e-3
     assert_close(patched, library, golden.tolerance("out/latent.0"), "native LoRA vs edited library")
+
+
+# ---------------------------------------------------------------- image CFG (Lance Edit Guider)
+def edit_guider_run(native, tiny_model, golden, image_cfg):
+    """The image_edit fixture's request through SamplerCustomAdvanced with the Lance Edit Guider."""
+    import comfy.latent_formats
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustomAdvanced
+    pipe, hp = tiny_model.pipe, golden.hyper("image_edit")
+    settings = settings_for(golden, "image_edit", decode=False)
+    inputs = prepare(pipe, golden, "image_edit", settings)
+    positive, negative, latent, image_negative = native.build_conditioning(pipe, inputs)
+    model = core_model(native, tiny_model, hp, guidance=False)
+    lo, hi = hp["cfg_interval"]
+    guider = native.LanceEditGuiderNode.execute(model, positive, negative, image_negative, hp["cfg_text_scale"],
+                                                image_cfg, lo, hi, hp["cfg_renorm_type"], hp["cfg_renorm_min"]).args[0]
+    sigmas = native.LanceScheduler.execute(model, hp["steps"]).args[0]
+    noise = native.LanceNoiseNode.execute(hp["validation_noise_seed"], positive).args[0]
+    (sampler,) = KSamplerSelect().get_sampler("euler")
+    out, _ = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)
+    return comfy.latent_formats.Wan22().process_in(out["samples"]), inputs, settings
+
+
+def test_native_edit_guider_image_cfg_matches_the_library(native, tiny_model, golden):
+    if "image_edit" not in golden.manifest["fixtures"]:
+        pytest.skip("no image_edit fixture in this set")
+    ours, inputs, settings = edit_guider_run(native, tiny_model, golden, 1.6)
+    settings.image_cfg_scale = 1.6
+    library = tiny_model.pipe.generate("image_edit", "x", inputs, settings).latents
+    assert_close(ours, library, golden.tolerance("out/latent.0"), "Lance Edit Guider vs library, image CFG 1.6")
+    plain = tiny_model.pipe.generate("image_edit", "x", inputs, settings_for(golden, "image_edit", decode=False)).latents
+    assert (library - plain).abs().max() > 1e-3, "image CFG 1.6 should change the edit"
+
+
+def test_native_edit_guider_at_image_cfg_one_is_text_cfg(native, tiny_model, golden):
+    if "image_edit" not in golden.manifest["fixtures"]:
+        pytest.skip("no image_edit fixture in this set")
+    ours, _, _ = edit_guider_run(native, tiny_model, golden, 1.0)
+    fx = golden.tensors("image_edit")
+    key = "out/latent.1" if "out/latent.1" in fx else "out/latent.0"
+    assert_close(ours[0].permute(1, 2, 3, 0), fx[key], golden.tolerance(key), "Lance Edit Guider, image CFG 1")
+
+
+def test_native_edit_guider_refuses_image_cfg_without_media(native, tiny_model):
+    from lance_nodes.library import InputError
+    positive, negative, _, image_negative = native.LanceConditioning.execute(
+        tiny_model, "t2i", "a cat", "", 64, 64, 1, "auto", 1).args
+    model = native.LanceModelNode.execute(tiny_model).args[0]
+    with pytest.raises(InputError, match="image_negative"):
+        native.LanceEditGuiderNode.execute(model, positive, negative, image_negative, 4.0, 1.5, 0.4, 1.0, "global", 0.0)
+    with pytest.raises(InputError, match="image_cfg"):
+        native.LanceEditGuiderNode.execute(model, positive, negative, image_negative, 4.0, float("nan"), 0.4, 1.0,
+                                           "global", 0.0)

@@ -6,7 +6,8 @@
   from disk with the same weights;
 - a module whose weights already sit on the GPU gets the classic ModelPatcher (the streaming one could not free
   them);
-- on a CPU device Dynamic VRAM is off, so the weights are built on the load device.
+- on a CPU device Dynamic VRAM is off, so the weights are built on the load device (memory_mode "dynamic"
+  included: the same results as "resident").
 
 Dynamic VRAM itself needs a GPU with comfy-aimdo: not exercised here.
 """
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fixtures.comfy_env import GOLDEN_DIR  # noqa: E402
-from tests.fixtures.node_fixtures import comfy  # noqa: E402,F401
+from tests.fixtures.node_fixtures import comfy, models_dir  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,35 @@ def test_reload_factory_rebuilds_the_model_from_disk(compat, core):
     assert len(calls) == 2 and again.cached_patcher_init[0] is factory
     assert isinstance(factory(*args, disable_dynamic=True), core.ModelPatcher)
     compat.load_to_device(copy, full=False)
+
+
+def _t2i(nodes, model):
+    gen = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
+               cfg_renorm_min=0.0, seed=42, batch_size=1)
+    return nodes.LanceT2I.execute(model, "a red fox", 64, 64, **gen).args[0]["samples"]
+
+
+@pytest.fixture
+def dynamic_model(compat, models_dir):
+    from lance_nodes import nodes
+    (model,) = nodes.LanceLoader.execute("tiny", "auto", "auto", "auto", "dynamic").args
+    return model
+
+
+def test_dynamic_memory_mode_builds_the_weights_where_core_streams_them(compat, core, dynamic_model):
+    """memory_mode 'dynamic': the weights are built on compat.weight_device() (RAM under Dynamic VRAM, the load
+    device elsewhere) and handed to the host's CoreModelPatcher; activations run on the load device."""
+    llm = dynamic_model.pipe.llm
+    assert llm.vae2llm.weight.device.type == compat.weight_device().type
+    assert llm.device == compat.load_device()
+    assert isinstance(dynamic_model.patcher, getattr(core, "CoreModelPatcher", core.ModelPatcher))
+
+
+def test_dynamic_memory_mode_matches_resident(compat, dynamic_model):
+    from lance_nodes import nodes
+    (resident,) = nodes.LanceLoader.execute("tiny", "auto", "auto", "auto", "resident").args
+    ours, reference = _t2i(nodes, dynamic_model), _t2i(nodes, resident)
+    if compat.load_device().type == "cpu":
+        assert torch.equal(ours, reference)
+    else:  # streamed bf16 weights: the same math, possibly other kernels
+        assert (ours - reference).abs().max() <= 0.05 * reference.abs().max()

@@ -14,6 +14,7 @@ GEN = [("steps", "INT"), ("shift", "FLOAT"), ("cfg_scale", "FLOAT"), ("cfg_inter
        ("batch_size", "INT")]
 CTX = ("context", "LANCE_CONTEXT", "optional")
 NEG = ("negative_prompt", "STRING", "optional")  # appended after the first release
+IMAGE_CFG = ("image_cfg_scale", "FLOAT", "optional")  # appended after negative_prompt (edits only)
 
 # node id -> inputs [(name, type[, "optional"])] in order, output types in order
 CONTRACT = {
@@ -29,11 +30,12 @@ CONTRACT = {
          ("resolution", "COMBO"), ("fps", "FLOAT"), *GEN, ("start_image", "IMAGE", "optional"), CTX, NEG],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceEdit": (
-        [("model", "LANCE_MODEL"), ("image", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"), *GEN, CTX, NEG],
+        [("model", "LANCE_MODEL"), ("image", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"), *GEN, CTX, NEG,
+         IMAGE_CFG],
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceVideoEdit": (
         [("model", "LANCE_MODEL"), ("video", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"),
-         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional"), NEG],
+         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional"), NEG, IMAGE_CFG],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceUnderstand": (
         [("model", "LANCE_MODEL"), ("question", "STRING"), ("instruction", "STRING"), ("resolution", "COMBO"),
@@ -53,8 +55,8 @@ DEFAULTS = {
     "LanceT2I": dict(width=768, height=768, steps=30, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4,
                      cfg_interval_end=1.0, cfg_renorm="global", cfg_renorm_min=0.0, seed=42, batch_size=1),
     "LanceT2V": dict(width=848, height=480, num_frames=61, resolution="video_480p", fps=12.0, steps=30),
-    "LanceEdit": dict(resolution="image_768res", steps=30, cfg_scale=4.0),
-    "LanceVideoEdit": dict(resolution="video_480p", steps=30),
+    "LanceEdit": dict(resolution="image_768res", steps=30, cfg_scale=4.0, image_cfg_scale=1.0),
+    "LanceVideoEdit": dict(resolution="video_480p", steps=30, image_cfg_scale=1.0),
     "LanceUnderstand": dict(resolution="auto", max_new_tokens=256, temperature=0.0, top_p=1.0),
     "LancePromptEnhance": dict(target="image", max_new_tokens=256),
 }
@@ -63,7 +65,7 @@ COMBOS = {
     ("LanceLoader", "variant"): ["auto", "image", "video"],
     ("LanceLoader", "dtype"): ["auto", "bf16", "fp32"],
     ("LanceLoader", "attention"): ["auto", "sdpa", "flash"],
-    ("LanceLoader", "memory_mode"): ["resident", "offload"],
+    ("LanceLoader", "memory_mode"): ["resident", "offload", "dynamic"],
     ("LanceT2V", "resolution"): ["video_192p", "video_360p", "video_480p"],
     ("LanceEdit", "resolution"): ["image_256res", "image_512res", "image_768res"],
     ("LanceVideoEdit", "resolution"): ["video_192p", "video_360p", "video_480p"],
