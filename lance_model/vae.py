@@ -20,6 +20,7 @@ from diffusers import AutoencoderKLWan
 from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize, private_copy
 from .errors import CheckpointError, InputError
 from .module_handle import ModuleHandle
+from .vae_convs import skip_zero_frames
 
 # Wan2.2 per-channel latent statistics (identical to diffusers' Wan2.2 `latents_mean` / `latents_std`).
 WAN22_LATENT_STATS: dict[str, tuple[float, ...]] = {
@@ -140,6 +141,7 @@ class LanceVAE(ModuleHandle):
     def __init__(self, module: AutoencoderKLWan):
         super().__init__(module)
         self.module.disable_tiling()
+        skip_zero_frames(self.module)   # first frames without their zero padding (vae_convs.py)
 
     @property
     def z_dim(self) -> int:

@@ -1,8 +1,10 @@
 """Unit invariants of the model core (spec section 15): positions, embeddings, schedule, routing, masks."""
 import math
 
+import pytest
 import torch
 
+from conftest import assert_close
 from lance_model.attention import Attention, bottom_right_causal_mask
 from lance_model.llm import MLP, Segment, segments_from_mask
 from lance_model.ops import TorchOps
@@ -96,3 +98,20 @@ def test_chunked_mlp_equals_unchunked(monkeypatch):
     whole = mlp(x)
     monkeypatch.setattr(MLP, "CHUNK_TOKENS", 16)
     assert torch.allclose(mlp(x), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("frames, cached", [(1, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 1)])
+@pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((1, 3, 3), (0, 1, 1))])
+def test_zero_skipping_causal_conv_matches_diffusers(frames, cached, kernel, padding):
+    """The VAE's faster causal conv (lance_model/vae_convs.py) equals diffusers' layer for every cache state."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    from lance_model.vae_convs import ZeroSkippingCausalConv3d, skip_zero_frames
+    torch.manual_seed(0)
+    plain = WanCausalConv3d(6, 5, kernel, padding=padding)
+    fast = WanCausalConv3d(6, 5, kernel, padding=padding)
+    fast.load_state_dict(plain.state_dict())
+    assert skip_zero_frames(torch.nn.Sequential(fast)) == 1 and isinstance(fast, ZeroSkippingCausalConv3d)
+    x = torch.randn(2, 6, frames, 7, 9)
+    cache = torch.randn(2, 6, cached, 7, 9) if cached else None
+    expected = plain(x, cache)
+    assert_close(fast(x, cache), expected, 1e-5, f"causal conv, {frames} frames, {cached} cached")
