@@ -44,20 +44,26 @@ def line(label: str, figures: tuple[float, float], unit: str = "s") -> None:
     print(f"  {label:<28} min {figures[0]:8.3f} {unit}   median {figures[1]:8.3f} {unit}", flush=True)
 
 
-def sampling_phases(run, repeat: int) -> None:
-    """run(steps) samples with that many steps; prints prefill and per step."""
-    one = measure(lambda: run(1), repeat)
-    full = measure(lambda: run(STEPS), repeat)
+def sampling_phases(pipe, run, repeat: int) -> None:
+    """run(steps) samples with that many steps; prints prefill and per step (every run prefills: the prefix
+    store is cleared first), then a repeated request that reuses its stored prefixes."""
+    fresh = lambda steps: (pipe.prefixes.clear(), run(steps))
+    one = measure(lambda: fresh(1), repeat)
+    full = measure(lambda: fresh(STEPS), repeat)
     step = tuple((f - o) / (STEPS - 1) for f, o in zip(full, one))
     line("prefill + 1 step", one)
     line("per CFG step", step)
     line(f"sampling, {STEPS} steps", full)
+    run(1)
+    reused = measure(lambda: run(1), repeat)
+    line("same request again, 1 step", reused)
+    print(f"  prefix reuse saves {one[0] - reused[0]:.3f} s (min) / {one[1] - reused[1]:.3f} s (median) per run")
 
 
 def bench_t2i(pipe, size: int, repeat: int) -> None:
     print(f"t2i {size}x{size}")
     run = lambda steps: pipe.text_to_image("a red fox in the snow", width=size, height=size, steps=steps, **GUIDANCE)
-    sampling_phases(run, repeat)
+    sampling_phases(pipe, run, repeat)
     latents = run(1).latents
     line("VAE decode", measure(lambda: pipe.vae.decode(latents), repeat))
 
@@ -67,7 +73,7 @@ def bench_edit(pipe, size: int, repeat: int) -> None:
     image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
     resolution = {256: "image_256res", 512: "image_512res"}.get(size, "image_768res")
     run = lambda steps: pipe.edit_image(image, "make the sky red", resolution=resolution, steps=steps, **GUIDANCE)
-    sampling_phases(run, repeat)
+    sampling_phases(pipe, run, repeat)
     pixels = torch.rand(1, 3, 1, size, size) * 2 - 1
     line("VAE encode", measure(lambda: pipe.vae.encode(pixels), repeat))
 
@@ -76,7 +82,7 @@ def bench_t2v(pipe, size: int, repeat: int, frames: int = 5) -> None:
     print(f"t2v {size}x{size}x{frames}")
     run = lambda steps: pipe.text_to_video("a boat on a lake", width=size, height=size, num_frames=frames,
                                            steps=steps, **GUIDANCE)
-    sampling_phases(run, repeat)
+    sampling_phases(pipe, run, repeat)
     latents = run(1).latents
     line("VAE decode", measure(lambda: pipe.vae.decode(latents), repeat))
 

@@ -109,8 +109,9 @@ def initial_noise(inputs: GenerationInputs, seeds: list[int], channels: int) -> 
 
 def run_generation(llm: LanceLLM, inputs: GenerationInputs, options: SamplerOptions, noise: torch.Tensor,
                    on_step: Callable[[StepInfo], None] | None = None,
-                   cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Denoise `noise` [B, N, C]; returns the final target latents [B, N, C] (normalized, fp32)."""
+                   cancel: Callable[[], bool] | None = None, store=None, weights_version=None) -> torch.Tensor:
+    """Denoise `noise` [B, N, C]; returns the final target latents [B, N, C] (normalized, fp32). `store`: a
+    PrefixStore of earlier runs' prefixes (see FlowSampler)."""
     x = noise.clone()
     frozen = 0
     if inputs.first_frame is not None:
@@ -121,7 +122,8 @@ def run_generation(llm: LanceLLM, inputs: GenerationInputs, options: SamplerOpti
         if inputs.negative_seq is not None:
             negative = (inputs.negative_seq, prefix_embeddings(llm, replace(inputs, seq=inputs.negative_seq)))
         sampler = FlowSampler(llm, inputs.seq, prefix_embeddings(llm, inputs), latent_pos_embed(llm.config, inputs.target),
-                              options, batch=x.shape[0], negative=negative)
+                              options, batch=x.shape[0], negative=negative, store=store,
+                              weights_version=weights_version)
         return sampler.sample(TargetState(x.to(llm.device), frozen), on_step, cancel)
 
 

@@ -35,6 +35,7 @@ from .inputs import as_frames, latent_frames, optional_text, require_text, round
 from .loader import check_llm_files, load_llm
 from .media import preset_sides, vae_pixels, vit_pixels
 from .ops import TorchOps
+from .prefix_store import PrefixStore
 from .sampler import RENORM_TYPES, UNCOND_POSITIONS, GuidanceOptions, SamplerOptions, StepInfo, flow_timesteps
 from .templates import IMAGE_QUESTION_SYSTEM, VIDEO_QUESTION_SYSTEM, Text
 from .tokenizer import LanceTokenizer
@@ -175,6 +176,10 @@ class LancePipeline(nn.Module):
         # host hook: make_room(bytes, device) is called when a request's estimate exceeds the free memory, before
         # it is refused (ComfyUI: unload other models); None = refuse straight away
         self.make_room: Callable[[int, torch.device], None] | None = None
+        # host hook: a value that changes whenever the host changes the weights in place (ComfyUI: the weight
+        # patches applied); part of the prefix-store key. The library's own weights never change.
+        self.weights_version: Callable[[], object] = lambda: None
+        self.prefixes = PrefixStore()   # the last request's prefilled prefixes (prefix_store.py)
         self._file_state = file_state if file_state is not None else paths.snapshot()
         self.paths, self.tokenizer = paths, tokenizer
         self.llm = llm
@@ -210,8 +215,10 @@ class LancePipeline(nn.Module):
         return [path for path, state in self._file_state.items() if now.get(path) != state]
 
     def _release_scratch(self) -> None:
-        """After a failed or cancelled call: drop the VAE's frame cache and unreferenced tensors."""
+        """After a failed or cancelled call: drop the VAE's frame cache, the stored prefixes and unreferenced
+        tensors."""
         self.vae_model.clear_cache()
+        self.prefixes.clear()
         gc.collect()
         if self.execution_device.type == "cuda":
             torch.cuda.empty_cache()
@@ -323,7 +330,7 @@ class LancePipeline(nn.Module):
         self._generation_estimate(inputs, options, noise.shape[0], settings.decode).check(self.device, make_room=self.make_room)
         with self._use(self.llm), self._llm_cancel_points(settings.cancel):
             tokens = run_generation(self.llm, inputs, options, noise, self._step_hook(inputs.target, settings, observer),
-                                    settings.cancel)
+                                    settings.cancel, store=self.prefixes, weights_version=self.weights_version())
         latents = tokens_to_video(tokens.cpu(), inputs.target)
         frames = self.decode_latents(latents, cancel=settings.cancel) if settings.decode else None
         context = (settings.context or LanceContext(self.model_id)).append(

@@ -21,6 +21,7 @@ from .errors import Cancelled, InputError
 from .kv_cache import KVCache
 from .llm import CacheSlot, LanceLLM, prefill_splits, query_segments
 from .packing import CAPTION_CODES, MEDIA_CODES, PackedSequence, drop_codes, has_media
+from .prefix_store import PrefixStore
 
 RENORM_TYPES = ("global", "channel", "none")
 BATCHED_CFG_MAX_TOKENS = 16384
@@ -216,11 +217,13 @@ def branch_prefixes(seq: PackedSequence, embeds: torch.Tensor, negative: tuple[P
 
 class FlowSampler:
     def __init__(self, llm: LanceLLM, seq: PackedSequence, prefix_embeds: torch.Tensor, target_pos_embed: torch.Tensor,
-                 options: SamplerOptions, batch: int, negative: tuple[PackedSequence, torch.Tensor] | None = None):
+                 options: SamplerOptions, batch: int, negative: tuple[PackedSequence, torch.Tensor] | None = None,
+                 store: PrefixStore | None = None, weights_version=None):
         """prefix_embeds [L, H]: input embeddings of the whole cond sequence (the target payload rows are unused);
         target_pos_embed [N, H]: latent position embedding of the target block; negative: (sequence, its prefix
         embeddings) of a negative prompt, whose whole prefix is then the uncond branch instead of the
-        caption-dropped one."""
+        caption-dropped one; store: prefixes kept from earlier runs (reused when the request, the weights and
+        `weights_version` are the same)."""
         options.validate()
         self.llm, self.seq, self.opts, self.batch = llm, seq, options, batch
         self.block = TargetBlock(seq, prefix_embeds, target_pos_embed)
@@ -230,16 +233,26 @@ class FlowSampler:
         prefixes = branch_prefixes(seq, prefix_embeds, negative, count)
         capacity = max(p.seq.target_split.start + p.seq.target_split.length for p in prefixes)
         self.cache = llm.new_cache(batch * len(prefixes), capacity)
+        self.store, self.weights_version = store, weights_version
         self._prefill(prefixes)
 
     # -- prefix -----------------------------------------------------------------------------------------
     def _prefill(self, prefixes: list[BranchPrefix]) -> None:
         """Branch b's prefix goes to row b * batch and is copied to the branch's other rows (one per seed)."""
         self.slots = []
-        for branch, prefix in enumerate(prefixes):
+        positions = [prefix.positions or self.opts.guidance.uncond_positions for prefix in prefixes]
+        context = (str(self.llm.dtype), self.weights_version)
+        keys = [PrefixStore.key(p.seq, p.embeds, p.dropped, pos, context) for p, pos in zip(prefixes, positions)] \
+            if self.store is not None else [None] * len(prefixes)
+        if self.store is not None:
+            self.store.begin(keys)
+        for branch, (prefix, position, key) in enumerate(zip(prefixes, positions, keys)):
             row = branch * self.batch
-            slot = prefill_branch(self.llm, prefix.seq, prefix.embeds, self.cache, row, prefix.dropped,
-                                  prefix.positions or self.opts.guidance.uncond_positions)
+            slot = self.store.restore(key, self.cache, row) if self.store is not None else None
+            if slot is None:
+                slot = prefill_branch(self.llm, prefix.seq, prefix.embeds, self.cache, row, prefix.dropped, position)
+                if self.store is not None:
+                    self.store.save(key, self.cache, row, slot.length, slot.query_pos)
             self.cache.copy_rows(row, range(row + 1, row + self.batch), slot.length)
             self.slots.append(BranchSlot(slice(row, row + self.batch), slot.length, slot.query_pos))
 

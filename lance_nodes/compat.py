@@ -179,6 +179,12 @@ def weight_device() -> torch.device:
     return offload_device() if dynamic_vram() else load_device()
 
 
+def applied_patches(patcher) -> object:
+    """Which weight patches core has applied to the patcher's model right now (core sets the patching
+    patcher's uuid on the model, None when unpatched): changes whenever a LoRA clone patches the shared weights."""
+    return getattr(getattr(patcher, "model", None), "current_weight_patches_uuid", None)
+
+
 def load_to_device(patcher, full: bool) -> None:
     mm.load_models_gpu([patcher], force_full_load=full)
 

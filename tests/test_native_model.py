@@ -233,11 +233,13 @@ def test_native_weight_patch_reaches_prefix_and_steps(native, tiny_model, golden
     original = weight.clone()
     with torch.no_grad():
         weight.add_(delta)
+    tiny_model.pipe.prefixes.clear()  # an edit in place, behind any patcher's back: stored prefixes are stale
     try:
         library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
     finally:
         with torch.no_grad():
             weight.copy_(original)
+        tiny_model.pipe.prefixes.clear()
     change = (patched - plain).abs().max().item()
     print(f"[native] weight patch on the {expert} expert: output change {change:.3e}")
     assert change > 1e-3
@@ -537,11 +539,13 @@ def test_native_lora_file_format_through_core_loader(native, tiny_model, golden)
     original = weight.clone()
     with torch.no_grad():
         weight.add_(0.5 * (up @ down))
+    tiny_model.pipe.prefixes.clear()  # an edit in place, behind any patcher's back: stored prefixes are stale
     try:
         library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
     finally:
         with torch.no_grad():
             weight.copy_(original)
+        tiny_model.pipe.prefixes.clear()
     print(f"[native] LoRA (lora_unet_ keys, strength 0.5): output change {(patched - plain).abs().max():.3e}")
     assert (patched - plain).abs().max() > 1e-3
     assert_close(patched, library, golden.tolerance("out/latent.0"), "native LoRA vs edited library")
@@ -597,3 +601,27 @@ def test_native_edit_guider_refuses_image_cfg_without_media(native, tiny_model):
     with pytest.raises(InputError, match="image_cfg"):
         native.LanceEditGuiderNode.execute(model, positive, negative, image_negative, 4.0, float("nan"), 0.4, 1.0,
                                            "global", 0.0)
+
+
+def test_all_in_one_prefix_reuse_survives_a_lora_run(native, nodes, tiny_model, golden):
+    """The all-in-one nodes keep the last request's prefixes (lance_model/prefix_store.py), keyed on the weight
+    patches core has applied: a LoRA run on the shared weights in between changes nothing for them."""
+    import comfy.sd
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    gen = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
+               cfg_renorm_min=0.0, seed=42, batch_size=1)
+    run = lambda: nodes.LanceT2I.execute(tiny_model, hp["caption"], hp["video_width"], hp["video_height"],
+                                         **gen).args[0]["samples"]
+    first = run()
+    module = "llm.language_model.model.layers.0.self_attn.k_proj"
+    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
+    generator = torch.Generator().manual_seed(2)
+    name = "lora_unet_" + module.replace(".", "_")
+    lora = {f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
+            f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator)}
+    patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 1.0, 0.0)
+    t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_patcher, hp), steps=2)
+    hits = tiny_model.pipe.prefixes.hits
+    again = run()
+    assert tiny_model.pipe.prefixes.hits == hits + 2, "the unpatched request should reuse its prefixes"
+    assert torch.equal(again, first)
