@@ -252,15 +252,29 @@ def prefill_splits(llm: LanceLLM, embeds: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache, row: int = 0) -> torch.Tensor:
     """Fill one cache row split by split: causal text sees the cache and earlier tokens, visual blocks are
     bidirectional. `embeds` [L, H] / `positions` [3, L] hold exactly these splits, in order (a CFG branch may skip
-    some); `gen_mask` is indexed by each split's own start/end. Returns the last split's hidden states."""
+    some); `gen_mask` is indexed by each split's own start/end. Consecutive causal splits run as one causal block
+    (the same attention, one pass over the weights instead of one per split). Returns the last block's hidden
+    states."""
     offset, hidden = 0, None
-    for split in splits:
-        part = slice(offset, offset + split.length)
-        hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0),
-                     segments_from_mask(gen_mask[split.start:split.end]), cache=cache, start=offset,
-                     causal=split.mode == "causal", rows=slice(row, row + 1))
-        offset += split.length
+    for group in _attention_runs(splits):
+        length = sum(split.length for split in group)
+        part = slice(offset, offset + length)
+        experts = torch.cat([gen_mask[split.start:split.end] for split in group])
+        hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0), segments_from_mask(experts),
+                     cache=cache, start=offset, causal=group[0].mode == "causal", rows=slice(row, row + 1))
+        offset += length
     return hidden
+
+
+def _attention_runs(splits: list) -> list[list]:
+    """Splits grouped so that each group is one block: runs of causal splits, every other split alone."""
+    groups: list[list] = []
+    for split in splits:
+        if groups and split.mode == "causal" and groups[-1][-1].mode == "causal":
+            groups[-1].append(split)
+        else:
+            groups.append([split])
+    return groups
 
 
 def query_segments(length: int) -> list[Segment]:

@@ -191,6 +191,17 @@ class LanceNoiseNode(io.ComfyNode):
         return io.NodeOutput(LanceNoise(noise_seed, request_of(positive)))
 
 
+def _guidance_rule_inputs() -> list:
+    """Lance's CFG interval and renorm (Lance Guidance, Lance Edit Guider)."""
+    return [
+        io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guidance applies for start < t <= end."),
+        io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global"),
+        io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
+    ]
+
+
 class LanceGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -201,11 +212,7 @@ class LanceGuidance(io.ComfyNode):
                         "sampler's cfg.",
             inputs=[
                 io.Model.Input("model"),
-                io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Guidance applies for start < t <= end."),
-                io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global"),
-                io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
+                *_guidance_rule_inputs(),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
@@ -232,11 +239,7 @@ class LanceEditGuiderNode(io.ComfyNode):
                 io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="Text CFG scale."),
                 io.Float.Input("image_cfg", default=1.0, min=0.0, max=20.0, step=0.05,
                                tooltip="Image CFG scale: above 1 stays closer to the source; 1 = off."),
-                io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Guidance applies for start < t <= end."),
-                io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global"),
-                io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
+                *_guidance_rule_inputs(),
             ],
             outputs=[io.Guider.Output(display_name="GUIDER")],
         )
