@@ -215,6 +215,23 @@ def test_native_easycache_skips_model_calls(native, tiny_model, golden):
     assert torch.isfinite(cached).all()
 
 
+def library_with_weight_edit(tiny_model, weight, delta, inputs, settings):
+    """The library's t2i latents with `delta` added to `weight` in place (then restored): what a weight patch
+    should equal. The all-in-one path loads the unpatched patcher first; an edit in place happens behind any
+    patcher's back, so the stored prefixes are dropped before and after."""
+    tiny_model.acquire()
+    original = weight.clone()
+    with torch.no_grad():
+        weight.add_(delta)
+    tiny_model.pipe.prefixes.clear()
+    try:
+        return tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+        tiny_model.pipe.prefixes.clear()
+
+
 @pytest.mark.parametrize("expert", ["und", "gen"])
 def test_native_weight_patch_reaches_prefix_and_steps(native, tiny_model, golden, expert):
     """A ModelPatcher weight patch (the LoRA mechanism) on the understanding expert (text prefix) or the
@@ -229,17 +246,7 @@ def test_native_weight_patch_reaches_prefix_and_steps(native, tiny_model, golden
     patched_model = base.clone()
     assert patched_model.add_patches({key: (delta,)}, 1.0) == [key]
     patched, _, _ = t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_model, hp), steps=3)
-    tiny_model.acquire()  # the all-in-one path loads the unpatched patcher again
-    original = weight.clone()
-    with torch.no_grad():
-        weight.add_(delta)
-    tiny_model.pipe.prefixes.clear()  # an edit in place, behind any patcher's back: stored prefixes are stale
-    try:
-        library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
-        tiny_model.pipe.prefixes.clear()
+    library = library_with_weight_edit(tiny_model, weight, delta, inputs, settings)
     change = (patched - plain).abs().max().item()
     print(f"[native] weight patch on the {expert} expert: output change {change:.3e}")
     assert change > 1e-3
@@ -535,17 +542,7 @@ def test_native_lora_file_format_through_core_loader(native, tiny_model, golden)
     plain, inputs, settings = t2i_run(native, tiny_model, golden, steps=3)
     patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 0.5, 0.0)
     patched, _, _ = t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_patcher, hp), steps=3)
-    tiny_model.acquire()
-    original = weight.clone()
-    with torch.no_grad():
-        weight.add_(0.5 * (up @ down))
-    tiny_model.pipe.prefixes.clear()  # an edit in place, behind any patcher's back: stored prefixes are stale
-    try:
-        library = tiny_model.pipe.generate("t2i", "x", inputs, settings).latents
-    finally:
-        with torch.no_grad():
-            weight.copy_(original)
-        tiny_model.pipe.prefixes.clear()
+    library = library_with_weight_edit(tiny_model, weight, 0.5 * (up @ down), inputs, settings)
     print(f"[native] LoRA (lora_unet_ keys, strength 0.5): output change {(patched - plain).abs().max():.3e}")
     assert (patched - plain).abs().max() > 1e-3
     assert_close(patched, library, golden.tolerance("out/latent.0"), "native LoRA vs edited library")
