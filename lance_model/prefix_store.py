@@ -38,6 +38,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
+def _digest(seq, embeds: torch.Tensor) -> bytes:
+    """A hash of what a sequence's prefixes are computed from: ids, modality codes, positions, embeddings."""
+    digest = hashlib.blake2b(digest_size=20)
+    for tensor in (seq.ids, seq.codes, seq.positions, embeds):
+        digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.digest()
+
+
 class PrefixStore:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes
@@ -46,14 +55,17 @@ class PrefixStore:
         self.hits = 0
 
     @staticmethod
-    def key(seq, embeds: torch.Tensor, dropped: tuple[int, ...], positions: str, context: tuple) -> str:
-        """`context`: what else the keys/values depend on (model identity, dtype, weights version)."""
-        digest = hashlib.blake2b(digest_size=20)
-        for tensor in (seq.ids, seq.codes, seq.positions, embeds):
-            digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
-            digest.update(_tensor_bytes(tensor))
-        digest.update(repr((dropped, positions, context)).encode())
-        return digest.hexdigest()
+    def keys(branches: list[tuple], context: tuple) -> list[str]:
+        """One key per branch (seq, embeds, dropped codes, positions). `context`: what else the keys/values depend
+        on (dtype, weights version). Branches of one sequence share its digest: the large tensors are hashed once."""
+        digests: dict[tuple[int, int], bytes] = {}
+        keys = []
+        for seq, embeds, dropped, positions in branches:
+            ident = (id(seq), id(embeds))
+            if ident not in digests:
+                digests[ident] = _digest(seq, embeds)
+            keys.append(digests[ident].hex() + repr((dropped, positions, context)))
+        return keys
 
     def begin(self, keys: list[str]) -> None:
         """A new request with these branch keys: forget every other request's prefixes."""
@@ -74,10 +86,12 @@ class PrefixStore:
     def save(self, key: str, cache: KVCache, row: int, length: int, query_pos: torch.Tensor) -> None:
         if key not in self._wanted:
             return
-        entry = StoredPrefix([k[row, :, :length].to("cpu", copy=True) for k in cache.keys],
-                             [v[row, :, :length].to("cpu", copy=True) for v in cache.values], length, query_pos)
-        if entry.nbytes + self.nbytes <= self.max_bytes:
-            self._entries[key] = entry
+        size = 2 * sum(k[row, :, :length].numel() * k.element_size() for k in cache.keys)
+        if size + self.nbytes > self.max_bytes:
+            return
+        self._entries[key] = StoredPrefix([k[row, :, :length].to("cpu", copy=True) for k in cache.keys],
+                                          [v[row, :, :length].to("cpu", copy=True) for v in cache.values],
+                                          length, query_pos)
 
     @property
     def nbytes(self) -> int:

@@ -202,17 +202,33 @@ class BranchPrefix:
     positions: str | None = None
 
 
+@dataclass(frozen=True)
+class BranchRule:
+    """How one CFG branch is made from a request: from the negative prompt's sequence instead of the request's
+    own, without the tokens of the `dropped` codes, positioned per `positions` (None: the guidance option)."""
+
+    from_negative: bool = False
+    dropped: tuple[int, ...] = ()
+    positions: str | None = None
+
+
+def cfg_branch_rules(has_negative: bool, count: int) -> list[BranchRule]:
+    """The first `count` of [cond, uncond, image-uncond] (the library sampler's and the host path's rule). A
+    negative prompt is the uncond prefix (nothing dropped); image-uncond is the uncond prefix without its media,
+    positioned as if they never were there (kept positions would leave gaps sized by the media and the caption,
+    which this branch must not see)."""
+    uncond = BranchRule(from_negative=True) if has_negative else BranchRule(dropped=CAPTION_CODES)
+    image_uncond = replace(uncond, dropped=uncond.dropped + MEDIA_CODES, positions="contiguous")
+    return [BranchRule(), uncond, image_uncond][:count]
+
+
 def branch_prefixes(seq: PackedSequence, embeds: torch.Tensor, negative: tuple[PackedSequence, torch.Tensor] | None,
                     count: int) -> list[BranchPrefix]:
-    """The first `count` of [cond, uncond, image-uncond]. A negative prompt is the uncond prefix (nothing
-    dropped); image-uncond is the uncond prefix without its media, positioned as if they never were there (kept
-    positions would leave gaps sized by the media and the caption, which this branch must not see)."""
-    uncond = BranchPrefix(seq, embeds, CAPTION_CODES) if negative is None else BranchPrefix(*negative)
     if count == 3 and not has_media(seq):
         raise InputError("image_cfg_scale: this request has no image or video input to guide by (image CFG is "
                          "for edits); set it to 1")
-    image_uncond = replace(uncond, dropped=uncond.dropped + MEDIA_CODES, positions="contiguous")
-    return [BranchPrefix(seq, embeds), uncond, image_uncond][:count]
+    return [BranchPrefix(*(negative if rule.from_negative else (seq, embeds)), rule.dropped, rule.positions)
+            for rule in cfg_branch_rules(negative is not None, count)]
 
 
 class FlowSampler:
@@ -242,7 +258,7 @@ class FlowSampler:
         self.slots = []
         positions = [prefix.positions or self.opts.guidance.uncond_positions for prefix in prefixes]
         context = (str(self.llm.dtype), self.weights_version)
-        keys = [PrefixStore.key(p.seq, p.embeds, p.dropped, pos, context) for p, pos in zip(prefixes, positions)] \
+        keys = PrefixStore.keys([(p.seq, p.embeds, p.dropped, pos) for p, pos in zip(prefixes, positions)], context) \
             if self.store is not None else [None] * len(prefixes)
         if self.store is not None:
             self.store.begin(keys)

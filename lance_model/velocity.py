@@ -16,9 +16,8 @@ import torch
 from .errors import InputError
 from .generation import GenerationInputs, latent_pos_embed, prefix_embeddings
 from .llm import LanceLLM
-from .packing import PackedSequence
-from .packing import CAPTION_CODES, MEDIA_CODES, has_media  # noqa: F401 (has_media: for hosts)
-from .sampler import BranchSlot, TargetBlock, batched_cfg_fits, prefill_branch, slot_velocities
+from .packing import PackedSequence, has_media
+from .sampler import BranchSlot, TargetBlock, batched_cfg_fits, cfg_branch_rules, prefill_branch, slot_velocities
 
 BRANCH_ORDER = ("cond", "uncond", "image_uncond")   # the library sampler's row order of the CFG branches
 
@@ -43,22 +42,13 @@ class BranchRequest:
         return BRANCH_ORDER.index(self.kind)
 
 
-def cfg_branches(inputs: GenerationInputs, image_cfg: bool = False) -> list[BranchRequest]:
-    """[cond, uncond] (+ image-uncond) requests of one generation request. The uncond branch is the negative
-    prompt when the request has one, else the caption dropped; image-uncond is uncond without its media."""
-    cond = BranchRequest(inputs)
-    if inputs.negative_seq is not None:
-        uncond = BranchRequest(with_sequence(inputs, inputs.negative_seq), kind="uncond")
-    else:
-        uncond = BranchRequest(inputs, CAPTION_CODES, kind="uncond")
-    if not image_cfg:
-        return [cond, uncond]
-    if not has_media(inputs.seq):
-        raise InputError("image_negative: this request has no image or video input, so there is no image CFG "
-                         "branch (it is for edits)")
-    # positioned without the media (as the library's image-uncond branch, sampler.branch_prefixes)
-    return [cond, uncond, replace(uncond, dropped=uncond.dropped + MEDIA_CODES, kind="image_uncond",
-                                  uncond_positions="contiguous")]
+def cfg_branches(inputs: GenerationInputs) -> list[BranchRequest]:
+    """[cond, uncond] requests of one generation request, plus image-uncond when it has media (the library
+    sampler's rule, sampler.cfg_branch_rules)."""
+    negative = with_sequence(inputs, inputs.negative_seq) if inputs.negative_seq is not None else None
+    rules = cfg_branch_rules(negative is not None, 3 if has_media(inputs.seq) else 2)
+    return [BranchRequest(negative if rule.from_negative else inputs, rule.dropped, kind,
+                          rule.positions or "reference_kv") for rule, kind in zip(rules, BRANCH_ORDER)]
 
 
 def with_sequence(inputs: GenerationInputs, seq: PackedSequence) -> GenerationInputs:

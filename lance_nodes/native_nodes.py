@@ -61,7 +61,7 @@ def build_conditioning(pipe, inputs, batch_size: int = 1):
     is the request's negative prompt when it has one, else its caption-dropped branch (the official
     unconditional); the image-negative (for image CFG on edits) is the negative without the source media."""
     velocity = library_module("velocity")
-    branches = velocity.cfg_branches(inputs, image_cfg=velocity.has_media(inputs.seq))
+    branches = velocity.cfg_branches(inputs)
     # without media there is no image branch: the negative stands in (the Lance Edit Guider refuses image CFG)
     positive, negative, image_negative = (conditioning(b) for b in (branches + branches[1:])[:3])
     return positive, negative, empty_latent(pipe, inputs, batch_size), image_negative
