@@ -42,6 +42,12 @@ def _negative_prompt_input():
                 "Empty = the official guidance. For edits, naming what must not change helps keep it.")
 
 
+def _size_inputs(what: str, width: int, height: int):
+    return [io.Int.Input(name, display_name=name.capitalize(), default=default, min=64, max=MAX_SIZE, step=SIZE_STEP,
+                         tooltip=f"{what} {name} in pixels (a multiple of {SIZE_STEP}).")
+            for name, default in (("width", width), ("height", height))]
+
+
 def _image_cfg_input():
     return io.Float.Input(
         "image_cfg_scale", display_name="Image CFG scale", optional=True, default=1.0, min=0.0, max=20.0, step=0.05,
@@ -183,10 +189,7 @@ class LanceT2I(io.ComfyNode):
                 io.String.Input("prompt", display_name="Prompt", multiline=True,
                                 default="A red fox in a snowy forest at dawn, photorealistic.",
                                 tooltip="What the image should show."),
-                io.Int.Input("width", display_name="Width", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP,
-                             tooltip=f"Image width in pixels (a multiple of {SIZE_STEP})."),
-                io.Int.Input("height", display_name="Height", default=768, min=64, max=MAX_SIZE, step=SIZE_STEP,
-                             tooltip=f"Image height in pixels (a multiple of {SIZE_STEP})."),
+                *_size_inputs("Image", 768, 768),
                 *_sampling_inputs(30),
                 _context_input(),
                 _negative_prompt_input(),
@@ -217,10 +220,7 @@ class LanceT2V(io.ComfyNode):
                 io.String.Input("prompt", display_name="Prompt", multiline=True,
                                 default="A small boat sails across a calm lake at sunset.",
                                 tooltip="What the video should show (and how the camera moves)."),
-                io.Int.Input("width", display_name="Width", default=848, min=64, max=MAX_SIZE, step=SIZE_STEP,
-                             tooltip=f"Video width in pixels (a multiple of {SIZE_STEP})."),
-                io.Int.Input("height", display_name="Height", default=480, min=64, max=MAX_SIZE, step=SIZE_STEP,
-                             tooltip=f"Video height in pixels (a multiple of {SIZE_STEP})."),
+                *_size_inputs("Video", 848, 480),
                 io.Int.Input("num_frames", display_name="Frames", default=61, min=1, max=MAX_FRAMES, step=4,
                              tooltip="Number of frames, 4k+1 (1, 5, ..., 61, ...); 61 frames at 12 fps are about 5 s."),
                 io.Combo.Input("resolution", display_name="Start image resolution", options=VIDEO_RESOLUTIONS,
