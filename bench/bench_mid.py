@@ -1,4 +1,4 @@
-"""Per-phase timings of every task on the random "mid" release (bench/mid_checkpoint.py), the size the
+"""Per-phase timings of every task on the random "mid" release (bench/random_release.py), the size the
 performance issue compares against the official code: load, prefill, per CFG step, VAE encode/decode, per
 generated token, peak RSS. 10 steps, CFG 4, shift 3.5, interval (0.4, 1], fp32 on CPU.
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mid_checkpoint import mid_release  # noqa: E402
+from bench.random_release import mid_release  # noqa: E402
 from lance_model import load_lance  # noqa: E402
 
 STEPS = 10

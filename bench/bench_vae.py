@@ -1,4 +1,4 @@
-"""VAE decode speed on the release-size Wan2.2 VAE (random weights, bench/mid_checkpoint.py): this pack's
+"""VAE decode speed on the release-size Wan2.2 VAE (random weights, bench/random_release.py): this pack's
 zero-skipping causal convs (lance_model/vae_convs.py) against diffusers' plain layers, interleaved in one run,
 with the largest output difference.
 
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mid_checkpoint import mid_release  # noqa: E402
+from bench.random_release import mid_release  # noqa: E402
 from lance_model.vae import load_vae  # noqa: E402
 from lance_model.vae_convs import ZeroSkippingCausalConv3d  # noqa: E402
 

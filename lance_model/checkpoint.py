@@ -6,7 +6,7 @@ The release layout is used unchanged:
     <root>/Wan2.2_VAE.pth                       Wan-native VAE state dict (torch pickle)
 
 Weights are streamed tensor by tensor from safetensors straight into the target dtype/device, so peak
-host memory stays near one copy of the weights.
+host memory stays near one copy of the weights (the VAE's .pth is read through a memory map, so it loads first).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .safetensors_reader import SafetensorsReader
 
 LANCE_FOLDERS = ("Lance_3B", "Lance_3B_Video")
 VIT_FOLDER = "Qwen2.5-VL-ViT"
@@ -168,12 +169,13 @@ def _preview(keys: list[str], limit: int = 6) -> str:
 
 def stream_safetensors(path: Path, names: Iterable[tuple[str, str]], dtype: torch.dtype,
                        device: torch.device) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (module_key, tensor) for (file_key, module_key) pairs, each cast to dtype on device one at a time."""
+    """Yield (module_key, tensor) for (file_key, module_key) pairs, each read into memory of its own and cast to
+    dtype on device one at a time (safetensors_reader.py: no file mapping stays resident)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with SafetensorsReader(path) as handle:
             for file_key, module_key in names:
-                tensor = handle.get_tensor(file_key)
-                yield module_key, private_copy(tensor, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+                tensor = handle.read(file_key)
+                yield module_key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     except CheckpointError:
         raise
     except Exception as exc:
@@ -181,10 +183,9 @@ def stream_safetensors(path: Path, names: Iterable[tuple[str, str]], dtype: torc
 
 
 def private_copy(source: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
-    """`converted` (source cast/moved) as memory of its own. safetensors and torch.load with mmap=True return tensors
-    backed by a mapping of the file, and a cast to the same dtype/device returns that very storage: a file
-    overwritten or truncated later would then kill the process with SIGBUS on the next access. Copying one
-    tensor at a time keeps the peak near one copy of the weights."""
+    """`converted` (source cast/moved) as memory of its own. torch.load with mmap=True returns tensors backed by a
+    mapping of the file, and a cast to the same dtype/device returns that very storage: a file overwritten or
+    truncated later would then kill the process with SIGBUS on the next access."""
     if converted.device.type == "cpu" and converted.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         return converted.clone()
     return converted

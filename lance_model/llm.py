@@ -43,6 +43,29 @@ def segments_from_mask(gen_mask: torch.Tensor) -> list[Segment]:
     return segments
 
 
+def per_expert(segments: list[Segment], inputs: tuple[torch.Tensor, ...], fn) -> tuple[torch.Tensor, ...]:
+    """Apply `fn(*token_slices, gen) -> tuple of [B, n, ...]` once per expert over all of that expert's segments
+    (dim 1 is the token axis), and reassemble the outputs in token order. One call per expert, not per segment:
+    the two marker tokens of a denoising step share one pass over the understanding expert's weights."""
+    if len(segments) == 1:
+        return fn(*inputs, segments[0].gen)
+    pieces: list = [None] * len(segments)
+    for gen in (False, True):
+        chosen = [i for i, s in enumerate(segments) if s.gen == gen]
+        if not chosen:
+            continue
+        gathered = [_cat_tokens([x[:, segments[i].start:segments[i].end] for i in chosen]) for x in inputs]
+        lengths = [segments[i].end - segments[i].start for i in chosen]
+        outputs = [y.split(lengths, dim=1) for y in fn(*gathered, gen)]
+        for position, i in enumerate(chosen):
+            pieces[i] = tuple(y[position] for y in outputs)
+    return tuple(_cat_tokens(list(parts)) for parts in zip(*pieces))
+
+
+def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 class MLP(nn.Module):
     # Long video sequences (~50k tokens) would hold several [tokens, 11008] intermediates at once; chunking the
     # token axis bounds that peak without changing the result.
@@ -103,15 +126,13 @@ class MoTDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
                 attend: "BlockAttention") -> torch.Tensor:
-        parts = [self.self_attn.qkv(self._norm_in(x[:, s.start:s.end], s.gen), s.gen) for s in segments]
-        q, k, v = (torch.cat(p, dim=1) if len(parts) > 1 else p[0] for p in zip(*parts))
+        q, k, v = per_expert(segments, (x,), lambda part, gen: self.self_attn.qkv(self._norm_in(part, gen), gen))
         cos, sin = rope
         q = apply_rotary(q.transpose(1, 2).float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.transpose(1, 2).float(), cos, sin).to(x.dtype)
         out = attend(q, k, v.transpose(1, 2))  # [B, Hq, L, D]
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        pieces = [self._finish(x[:, s.start:s.end], out[:, s.start:s.end], s.gen) for s in segments]
-        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return per_expert(segments, (x, out), lambda residual, attn, gen: (self._finish(residual, attn, gen),))[0]
 
     def _norm_in(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
         return (self.input_layernorm_moe_gen if gen else self.input_layernorm)(x)
@@ -238,8 +259,7 @@ class LanceLLM(nn.Module):
         x = hidden
         for layer in model.layers:
             x = layer(x, rope, segments, attend)
-        pieces = [(model.norm_moe_gen if s.gen else model.norm)(x[:, s.start:s.end]) for s in segments]
-        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return per_expert(segments, (x,), lambda part, gen: ((model.norm_moe_gen if gen else model.norm)(part),))[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden).float()

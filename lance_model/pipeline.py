@@ -641,18 +641,20 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
         load_device = resolve_device(weights_device) if weights_device is not None else execution_device
     # all configs against their weight headers first: a broken ViT config must not wait for the LLM to load
     lance_vit = paths.llm_weights if vit_weights == "lance" else None
-    check_llm_files(paths, operations or TorchOps)
+    llm_config, _ = check_llm_files(paths, operations or TorchOps)
     check_vit_files(paths.vit_config.parent, lance_vit)
+    # the VAE first: its .pth is read through a memory map whose pages stay resident until its load ends, which
+    # then adds to the smallest total (and a broken VAE file fails before the LLM is read)
+    vae = load_vae(paths.vae_weights, dtype, load_device)
+    if vae.z_dim != llm_config.constants.latent_channels:
+        raise InputError(f"VAE latent channels {vae.z_dim} do not match the model's {llm_config.constants.latent_channels}")
+    if vae_tiling:
+        vae.enable_tiling()
     llm = load_llm(paths, dtype, load_device, operations or TorchOps, Attention(attention))
     tokenizer = LanceTokenizer(paths.lance_dir, llm.config)
     vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
-    vae = load_vae(paths.vae_weights, dtype, load_device)
-    if vae_tiling:
-        vae.enable_tiling()
-    if vae.z_dim != llm.config.constants.latent_channels:
-        raise InputError(f"VAE latent channels {vae.z_dim} do not match the model's {llm.config.constants.latent_channels}")
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
