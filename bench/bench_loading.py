@@ -1,6 +1,6 @@
 """Loading memory: writes a release-width LLM checkpoint with a few layers (random bf16 weights, the release's key
 names) to a temporary folder, loads it through the library's loader in a fresh process, and reports the peak
-resident memory against the size of the weights.
+resident memory against the size of the weights (bench_real_size.py does the same for a whole real-size release).
 
     python bench/bench_loading.py [--layers 4] [--dtype bf16|fp32]
 """
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GOLDEN, real_width_config  # noqa: E402
 from lance_model.loader import llm_expected_keys  # noqa: E402
 
-# Peak anonymous memory (RssAnon, sampled every 5 ms) of a fresh process, in kB. File-backed pages of the mmapped
-# safetensors file are page cache the OS can drop at any time, so they are reported separately (VmHWM).
+# Peak anonymous memory (RssAnon, sampled every 5 ms) of a fresh process, in kB, and beside it VmHWM (every resident
+# page). The loader reads tensors with plain file reads, so no file-backed pages of the weights stay resident.
 LOAD_AND_REPORT = """
 import sys, threading, time, torch
 sys.path.insert(0, {repo!r})
