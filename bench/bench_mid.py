@@ -2,7 +2,7 @@
 performance issue compares against the official code: load, prefill, per CFG step, VAE encode/decode, per
 generated token, peak RSS. 10 steps, CFG 4, shift 3.5, interval (0.4, 1], fp32 on CPU.
 
-    python bench/bench_mid.py [--tasks t2i,image_edit,t2v,x2t] [--size 256] [--repeat 2]
+    python bench/bench_mid.py [--tasks t2i,image_edit,video_edit,t2v,x2t] [--size 256] [--repeat 2]
 
 Each figure is the minimum and median of --repeat runs (this machine varies up to 1.7x between identical runs).
 Per step = (time of a 10-step run - time of a 1-step run) / 9; prefill = the 1-step run minus one step.
@@ -78,6 +78,14 @@ def bench_edit(pipe, size: int, repeat: int) -> None:
     line("VAE encode", measure(lambda: pipe.vae.encode(pixels), repeat))
 
 
+def bench_video_edit(pipe, size: int, repeat: int, frames: int = 5) -> None:
+    print(f"video_edit {size}x{size}x{frames}")
+    video = torch.rand(frames, size, size, 3, generator=torch.Generator().manual_seed(0))
+    run = lambda steps: pipe.edit_video(video, "make the sky red", resolution="video_192p", fps=8.0, steps=steps,
+                                        **GUIDANCE)
+    sampling_phases(pipe, run, repeat)
+
+
 def bench_t2v(pipe, size: int, repeat: int, frames: int = 5) -> None:
     print(f"t2v {size}x{size}x{frames}")
     run = lambda steps: pipe.text_to_video("a boat on a lake", width=size, height=size, num_frames=frames,
@@ -103,7 +111,8 @@ def bench_x2t(pipe, size: int, repeat: int, tokens: int = 64) -> None:
         line(f"per token ({made} tokens)", tuple((f - o) / (made - 1) for f, o in zip(full, one)))
 
 
-TASKS = {"t2i": bench_t2i, "image_edit": bench_edit, "t2v": bench_t2v, "x2t": bench_x2t}
+TASKS = {"t2i": bench_t2i, "image_edit": bench_edit, "video_edit": bench_video_edit, "t2v": bench_t2v,
+         "x2t": bench_x2t}
 
 
 def main() -> None:

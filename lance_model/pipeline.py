@@ -35,6 +35,7 @@ from .inputs import as_frames, latent_frames, optional_text, require_text, round
 from .loader import check_llm_files, load_llm
 from .media import preset_sides, vae_pixels, vit_pixels
 from .ops import TorchOps
+from .encode_store import EncodeStore
 from .prefix_store import PrefixStore
 from .sampler import RENORM_TYPES, UNCOND_POSITIONS, GuidanceOptions, SamplerOptions, StepInfo, flow_timesteps
 from .templates import IMAGE_QUESTION_SYSTEM, VIDEO_QUESTION_SYSTEM, Text
@@ -180,6 +181,7 @@ class LancePipeline(nn.Module):
         # patches applied); part of the prefix-store key. The library's own weights never change.
         self.weights_version: Callable[[], object] = lambda: None
         self.prefixes = PrefixStore()   # the last request's prefilled prefixes (prefix_store.py)
+        self.encodings = EncodeStore()  # recent source media's VAE posteriors and ViT embeddings (encode_store.py)
         self._file_state = file_state if file_state is not None else paths.snapshot()
         self.paths, self.tokenizer = paths, tokenizer
         self.llm = llm
@@ -215,10 +217,11 @@ class LancePipeline(nn.Module):
         return [path for path, state in self._file_state.items() if now.get(path) != state]
 
     def _release_scratch(self) -> None:
-        """After a failed or cancelled call: drop the VAE's frame cache, the stored prefixes and unreferenced
-        tensors."""
+        """After a failed or cancelled call: drop the VAE's frame cache, the stored prefixes and encodings and
+        unreferenced tensors."""
         self.vae_model.clear_cache()
         self.prefixes.clear()
+        self.encodings.clear()
         gc.collect()
         if self.execution_device.type == "cuda":
             torch.cuda.empty_cache()
@@ -300,8 +303,8 @@ class LancePipeline(nn.Module):
         grid = LatentGrid(*source.shape[2:])
         self._check_latent_size(grid.height, grid.width, f"the {resolution} bucket of this source")
         vit_px = vit_pixels(frames, vit_side)
-        with self._use(self.vit_model), self._vit_cancel_points(settings.cancel):
-            vit_embeds = self.vit.embed(vit_px)
+        vit_embeds, = self.encodings.get_or_compute("vit", vit_px, self._encoding_context(),
+                                                   lambda: (self._vit_embed(vit_px, settings.cancel),))
         _, vit_grid = self.vit.patchify(vit_px)
         history = self._history(settings.context, settings.include_history)
         sequence = lambda text: edit_sequence(self.tokenizer, self.config, text, vit_grid, grid, video, history)
@@ -567,17 +570,29 @@ class LancePipeline(nn.Module):
 
     def _encode_condition(self, pixels: torch.Tensor, settings: GenerationSettings | None) -> torch.Tensor:
         """Pixels [3, T, H, W] -> normalized condition latent [1, C, t, h, w] (mean, or the reference sample)."""
-        frames, height, width = pixels.shape[1:]
-        Estimate().add("VAE encode", "VAE working set", vae_encode_bytes(
-            int(self.vae_model.config.base_dim), frames, height, width, self.vae.dtype, self.vae.tiling_enabled)) \
-            .add("VAE encode", "VAE weights", self._stage_weights(self.vae_model)).check(self.device, make_room=self.make_room)
         cancel = settings.cancel if settings is not None else None
-        with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
-            mu, logvar = self.vae.encode(pixels.unsqueeze(0))
+        mu, logvar = self.encodings.get_or_compute("vae", pixels, self._encoding_context(),
+                                                   lambda: self._vae_encode(pixels, cancel))
         if settings is not None and settings.condition_sampling == "reference":
             generator = torch.Generator("cpu").manual_seed(settings.seed)
             return self.vae.sample_posterior(mu.cpu(), logvar.cpu(), generator)
         return mu.cpu()
+
+    def _vae_encode(self, pixels: torch.Tensor, cancel) -> tuple[torch.Tensor, torch.Tensor]:
+        frames, height, width = pixels.shape[1:]
+        Estimate().add("VAE encode", "VAE working set", vae_encode_bytes(
+            int(self.vae_model.config.base_dim), frames, height, width, self.vae.dtype, self.vae.tiling_enabled)) \
+            .add("VAE encode", "VAE weights", self._stage_weights(self.vae_model)).check(self.device, make_room=self.make_room)
+        with self._use(self.vae_model), torch.inference_mode(), self._vae_cancel_points(cancel):
+            return self.vae.encode(pixels.unsqueeze(0))
+
+    def _vit_embed(self, vit_px: torch.Tensor, cancel) -> torch.Tensor:
+        with self._use(self.vit_model), self._vit_cancel_points(cancel):
+            return self.vit.embed(vit_px)
+
+    def _encoding_context(self) -> tuple:
+        """What a stored encoding depends on besides the pixels: the dtype, the VAE tiling and the weights."""
+        return (str(self.dtype), self.vae.tiling_enabled, repr(self.weights_version()))
 
     @staticmethod
     def _history(context: LanceContext | None, include: bool) -> list[Text]:
