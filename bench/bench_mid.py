@@ -45,9 +45,9 @@ def line(label: str, figures: tuple[float, float], unit: str = "s") -> None:
 
 
 def sampling_phases(pipe, run, repeat: int) -> None:
-    """run(steps) samples with that many steps; prints prefill and per step (every run prefills: the prefix
-    store is cleared first), then a repeated request that reuses its stored prefixes."""
-    fresh = lambda steps: (pipe.prefixes.clear(), run(steps))
+    """run(steps) samples with that many steps; prints prefill and per step (every run prefills and encodes: the
+    prefix and encoding stores are cleared first), then a repeated request that reuses what they stored."""
+    fresh = lambda steps: (pipe.prefixes.clear(), pipe.encodings.clear(), run(steps))
     one = measure(lambda: fresh(1), repeat)
     full = measure(lambda: fresh(STEPS), repeat)
     step = tuple((f - o) / (STEPS - 1) for f, o in zip(full, one))
@@ -57,7 +57,7 @@ def sampling_phases(pipe, run, repeat: int) -> None:
     run(1)
     reused = measure(lambda: run(1), repeat)
     line("same request again, 1 step", reused)
-    print(f"  prefix reuse saves {one[0] - reused[0]:.3f} s (min) / {one[1] - reused[1]:.3f} s (median) per run")
+    print(f"  stored prefixes and encodings save {one[0] - reused[0]:.3f} s (min) / {one[1] - reused[1]:.3f} s (median) per run")
 
 
 def bench_t2i(pipe, size: int, repeat: int) -> None:

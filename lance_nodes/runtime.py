@@ -134,7 +134,7 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     # that pipe -> hook -> patcher -> pipe is no cycle (a dropped model's weights are freed at once, not at gc)
     keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
     pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=keep())
-    # prefixes kept across runs must not outlive a LoRA clone patching the shared weights in place
+    # prefixes and encodings kept across runs must not outlive a LoRA clone patching the shared weights in place
     pipe.weights_version = lambda: compat.applied_patches(keep())
     return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                       memory_mode=memory_mode, pipe=pipe, patcher=patcher)
