@@ -20,9 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import random_llm, real_width_config  # noqa: E402
+from bench.common import random_llm, real_width_config, timed  # noqa: E402
 from lance_model import llm as llm_module  # noqa: E402
 from lance_model.llm import CacheSlot, query_segments  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def step_flops(cfg, tokens: int, context: int, rows: int) -> float:
@@ -42,23 +44,13 @@ def gemm_peak(cfg, m: int, dtype: torch.dtype, repeat: int) -> float:
     best = 0.0
     for k, n in ((h, inter), (inter, h), (h, q_out), (q_out, h)):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        torch.mm(a, b)
-        for _ in range(repeat):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+        best = max(best, 2 * m * k * n / timed(lambda: torch.mm(a, b), CPU, repeat))
     return best
 
 
 def linear_time(m: int, k: int, n: int, dtype: torch.dtype, repeat: int) -> float:
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    torch.nn.functional.linear(x, w)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return timed(lambda: torch.nn.functional.linear(x, w), CPU, repeat)
 
 
 def gemm_floor(cfg, tokens: int, dtype: torch.dtype, repeat: int) -> float:
@@ -135,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     cfg = real_width_config(args.layers)
-    llm = random_llm(cfg, dtype, torch.device("cpu"))
+    llm = random_llm(cfg, dtype, CPU)
     print(f"threads {torch.get_num_threads()}, {args.dtype}, {args.layers} real-width layers, prefix {args.prefix}")
     print(f"{'tokens':>6} {'peak GF/s':>9} {'step ms':>8} {'GF/s':>7} {'eff':>5} {'GEMMs alone ms':>14} "
           f"{'per-seg ms':>10} {'speedup':>7}")

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .prefix_store import hash_tensor
+
 DEFAULT_MAX_ENTRIES = 4
 DEFAULT_MAX_BYTES = 2**30
 
@@ -57,7 +59,6 @@ class EncodeStore:
     @staticmethod
     def _key(stage: str, pixels: torch.Tensor, context: tuple) -> str:
         digest = hashlib.blake2b(digest_size=20)
-        digest.update(repr((stage, context, pixels.dtype, tuple(pixels.shape))).encode())
-        flat = pixels.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().data)
+        digest.update(repr((stage, context)).encode())
+        hash_tensor(digest, pixels)
         return digest.hexdigest()

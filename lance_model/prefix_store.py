@@ -33,17 +33,18 @@ class StoredPrefix:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def hash_tensor(digest, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes to a hashlib digest (the bytes are read in place, not copied)."""
+    digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
+    digest.update(flat.view(torch.uint8).numpy().data)
 
 
 def _digest(seq, embeds: torch.Tensor) -> bytes:
     """A hash of what a sequence's prefixes are computed from: ids, modality codes, positions, embeddings."""
     digest = hashlib.blake2b(digest_size=20)
     for tensor in (seq.ids, seq.codes, seq.positions, embeds):
-        digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(_tensor_bytes(tensor))
+        hash_tensor(digest, tensor)
     return digest.digest()
 
 
