@@ -14,8 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GOLDEN, random_llm, real_width_config, timed  # noqa: E402
-from lance_model.generation import GenerationInputs, LatentGrid, initial_noise, run_generation  # noqa: E402
-from lance_model.sampler import GuidanceOptions, SamplerOptions  # noqa: E402
+from lance_model.branches import BranchEngine  # noqa: E402
+from lance_model.generation import initial_noise  # noqa: E402
+from lance_model.guidance import GuidanceOptions  # noqa: E402
+from lance_model.request import GenerationInputs, LatentGrid  # noqa: E402
+from lance_model.sampler import FlowSampler, SamplerOptions  # noqa: E402
 
 STEPS = 4
 
@@ -24,7 +27,10 @@ def step_time(llm, inputs: GenerationInputs, batched: bool, device: torch.device
     """Seconds per guided step, prefill excluded: (best STEPS+1-step run - best 1-step run) / STEPS."""
     noise = initial_noise(inputs, [0], llm.config.constants.latent_channels)
     guidance = GuidanceOptions(interval=(0.0, 1.0))
-    run = lambda steps: run_generation(llm, inputs, SamplerOptions(steps, 3.5, guidance, batched), noise)
+
+    def run(steps):
+        with torch.inference_mode():
+            return FlowSampler(BranchEngine(llm), inputs, SamplerOptions(steps, 3.5, guidance, batched), 1).sample(noise)
     return (timed(lambda: run(STEPS + 1), device) - timed(lambda: run(1), device)) / STEPS
 
 
@@ -49,9 +55,7 @@ def main() -> None:
     print(f"device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
 
     from lance_model import load_lance
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_generation_parity import GEN_TASKS, prepare, settings_for
-    from conftest import Golden
+    from tests.helpers import GEN_TASKS, Golden, prepare, settings_for
 
     golden = Golden(GOLDEN)
     pipe = load_lance(GOLDEN / "checkpoint", dtype=dtype, device=device)
@@ -60,8 +64,8 @@ def main() -> None:
 
     llm = random_llm(real_width_config(args.layers), dtype, device)
     grid = LatentGrid((args.frames - 1) // 4 + 1, args.size // 16, args.size // 16)
-    from lance_model.generation import text_to_visual_sequence
-    seq = text_to_visual_sequence(pipe.tokenizer, llm.config, "a red cat holds a blue sign", grid, video=args.frames > 1)
+    from lance_model.prepare import text_to_visual_sequence
+    seq = text_to_visual_sequence(pipe.session, "a red cat holds a blue sign", grid, video=args.frames > 1)
     report(f"real width ({args.layers} layers) {args.size}px x {args.frames} frames", llm, GenerationInputs(seq, grid), device)
 
 

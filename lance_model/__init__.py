@@ -3,10 +3,16 @@
     from lance_model import load_lance
     pipe = load_lance("/path/to/downloads")            # the release folder, unchanged
     image = pipe.text_to_image("a red cat", width=768, height=768).frames[0, 0]
+
+Besides the task API, a host with its own sampler (lance_nodes' native path) uses the modules imported first.
 """
+from . import branches, checkpoint, generation, guidance, request, sampler, velocity  # noqa: F401  (for hosts)
 from .context import LanceContext, Turn
 from .errors import Cancelled, CheckpointError, InputError, LanceError, OutOfMemory
-from .pipeline import GenerationResult, GenerationSettings, LancePipeline, UnderstandingResult, load_lance
+from .generation import GenerationResult
+from .pipeline import LancePipeline, load_lance
+from .settings import GenerationSettings
+from .text_generation import UnderstandingResult
 from .understanding import SamplingOptions
 
 __all__ = [

@@ -20,13 +20,11 @@ class SlotAttention:
 
     def __init__(self, llm: LanceLLM, cache: KVCache, slot: torch.Tensor, valid: torch.Tensor):
         self.backend, self.cache, self.slot, self.valid = llm.attention, cache, slot, valid
-        self.layer = 0
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
         keys.index_copy_(2, self.slot, k)
         values.index_copy_(2, self.slot, v)
-        self.layer = (self.layer + 1) % len(self.cache.keys)
         return self.backend(q, keys, values, mask=self.valid)
 
 

@@ -12,21 +12,31 @@ DTYPE_NAMES = {
 }
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """"auto"/None -> cuda if available else cpu. A CUDA/MPS device the machine lacks is an error."""
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device | None = None, what: str = "device") -> torch.device:
+    """"auto"/None -> cuda if available else cpu. Another device type (meta, xla, ...) or a CUDA/MPS device the
+    machine lacks is an InputError naming `what`."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if not isinstance(device, (str, torch.device)):
+        raise InputError(f"{what} must be a device name or torch.device ({expected}), got {type(device).__name__}")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise InputError(f"device {device!r} is not a valid torch device (expected 'auto', 'cpu', 'cuda' or 'cuda:N')") from exc
+        raise InputError(f"{what} {device!r} is not a valid torch device ({expected})") from exc
+    if resolved.type not in SUPPORTED_DEVICE_TYPES:
+        raise InputError(f"{what} {device!r} is not supported: Lance runs on {', '.join(SUPPORTED_DEVICE_TYPES)} "
+                         f"({expected})")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} requested but CUDA is not available on this machine (use 'cpu' or 'auto')")
+            raise InputError(f"{what} {device!r} requested but CUDA is not available on this machine (use 'cpu' or 'auto')")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise InputError(f"{what} {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r} requested but MPS is not available on this machine")
+        raise InputError(f"{what} {device!r} requested but MPS is not available on this machine")
     return resolved
 
 

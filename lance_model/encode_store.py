@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .prefix_store import hash_tensor
+from .tensor_hash import hash_tensor
 
 DEFAULT_MAX_ENTRIES = 4
 DEFAULT_MAX_BYTES = 2**30

@@ -1,101 +1,55 @@
-"""Generation requests (t2i, t2v, i2v, image/video edit) turned into packed sequences, embeddings and noise,
-then run through the flow sampler. Works on latent tokens [N, C] in (frame, row, column) raster order."""
+"""One whole generation run: noise, the up-front memory estimate, sampling, decoding and the result."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .config import LLMConfig
+from .branches import BranchEngine
+from .context import LanceContext, Turn
 from .errors import InputError
-from .llm import LanceLLM
-from .packing import PackedSequence, pack
-from .positions import latent_position_embedding
-from .sampler import FlowSampler, SamplerOptions, StepInfo, TargetState
-from .templates import T2I_SYSTEM, T2V_SYSTEM, Text, Visual, edit_system, vit_visual
-from .tokenizer import LanceTokenizer
-
-
-@dataclass(frozen=True)
-class LatentGrid:
-    frames: int
-    height: int
-    width: int
-
-    @property
-    def tokens(self) -> int:
-        return self.frames * self.height * self.width
-
-    @property
-    def rope_grid(self) -> tuple[int, int, int]:
-        return (self.frames, 2 * self.height, 2 * self.width)  # x2 cancels the position scan's 2x2 merge
+from .memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
+from .request import GenerationInputs, LatentGrid, tokens_to_video
+from .sampler import FlowSampler, SamplerOptions, StepInfo
+from .session import LanceSession
+from .settings import MAX_BATCH, GenerationSettings
+from .validation import require_callable, require_finite_tensor
 
 
 @dataclass
-class GenerationInputs:
-    """Everything one request feeds the sampler besides the noise."""
+class GenerationResult:
+    latents: torch.Tensor          # [B, C, t, h, w] normalized (model space), fp32, CPU
+    raw_latents: torch.Tensor      # [B, C, t, h, w] un-normalized Wan2.2 latents (ComfyUI LATENT "samples")
+    frames: torch.Tensor | None    # [B, T, H, W, 3] float in 0..1, CPU
+    context: LanceContext
 
-    seq: PackedSequence
-    target: LatentGrid
-    vit_embeds: list[torch.Tensor] = field(default_factory=list)     # [n, H] per ViT block, in order
-    source_latents: list[torch.Tensor] = field(default_factory=list)  # [n, C] clean normalized, per source block
-    first_frame: torch.Tensor | None = None                           # [h*w, C] i2v clean frame-0 latent
-    # the negative prompt packed in the caption's place: the uncond branch's whole prefix; None = caption dropped
-    negative_seq: PackedSequence | None = None
+    def comfy_latent(self) -> torch.Tensor:
+        return self.raw_latents
 
 
-def text_to_visual_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, prompt: str, grid: LatentGrid,
-                            video: bool) -> PackedSequence:
-    tokenizer.encode_user_text(prompt, "prompt")
-    return pack(tokenizer, cfg, T2V_SYSTEM if video else T2I_SYSTEM, [Text(prompt, droppable=True)],
-                [Visual("target", grid.tokens, grid.rope_grid)], close_assistant=True, shift_positions=False)
-
-
-def edit_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instruction: str, vit_grid: tuple[int, int, int],
-                  source: LatentGrid, video: bool, history: list[Text] = ()) -> PackedSequence:
-    """User turn: [earlier-turn texts...] [source ViT block] [source latent block] [instruction]; the target
-    block has the source's latent size."""
-    tokenizer.encode_user_text(instruction, "instruction")
-    user = list(history) + [vit_visual(vit_grid, cfg.spatial_merge_size), Visual("source", source.tokens, source.rope_grid),
-                            Text(instruction, droppable=True)]
-    return pack(tokenizer, cfg, edit_system("video" if video else "image"), user,
-                [Visual("target", source.tokens, source.rope_grid)], close_assistant=True, shift_positions=True)
-
-
-def latent_pos_embed(cfg: LLMConfig, grid: LatentGrid) -> torch.Tensor:
-    c = cfg.constants
-    if grid.frames > c.max_latent_frames:
-        raise InputError(f"{grid.frames} latent frames exceed the model's maximum of {c.max_latent_frames} "
-                         f"({c.max_num_frames} video frames)")
-    return latent_position_embedding(grid.frames, grid.height, grid.width, cfg.hidden_size, c.max_latent_size)
-
-
-def prefix_embeddings(llm: LanceLLM, inputs: GenerationInputs) -> torch.Tensor:
-    """[L, H] input embeddings of the cond sequence: text rows from the embedding table, ViT payloads from the
-    ViT, source payloads as clean latent tokens (t = 0). The target payload rows are left as text rows."""
-    seq = inputs.seq
-    embeds = llm.embed_text(seq.ids).clone()
-    for block, vit in zip(seq.blocks_with_role("vit"), inputs.vit_embeds):
-        embeds[block.payload] = vit.to(embeds)
-    sources = seq.blocks_with_role("source")
-    for block, latent in zip(sources, inputs.source_latents):
-        grid = _grid_of(block, latent)
-        t_zero = torch.zeros(latent.shape[0])
-        embeds[block.payload] = llm.embed_latents(latent, t_zero, latent_pos_embed(llm.config, grid))
-    return embeds
-
-
-def _grid_of(block, latent: torch.Tensor) -> LatentGrid:
-    t, h2, w2 = block.rope_grid
-    grid = LatentGrid(t, h2 // 2, w2 // 2)
-    if grid.tokens != latent.shape[0]:
-        raise InputError(f"condition latent has {latent.shape[0]} tokens, its block expects {grid.tokens}")
-    return grid
+def run(session: LanceSession, task: str, request: str, inputs: GenerationInputs, settings: GenerationSettings,
+        noise: torch.Tensor | None = None, observer: Callable[[StepInfo], None] | None = None) -> GenerationResult:
+    """Sample (seeds per `settings.seeds()` unless `noise` [B, N, C] is given), decode, extend the context."""
+    if not isinstance(inputs, GenerationInputs):
+        raise InputError(f"inputs must come from a prepare_* method, got {type(inputs).__name__}")
+    require_callable(observer, "observer")
+    if settings.context is not None:
+        settings.context.check_model(session.model_id)
+    options = settings.sampler_options()
+    channels = session.config.constants.latent_channels
+    noise = initial_noise(inputs, settings.seeds(), channels) if noise is None else checked_noise(noise, inputs, channels)
+    session.check(estimate(session, inputs, options, noise.shape[0], settings.decode))
+    tokens = sample(session, inputs, options, noise, step_hook(inputs.target, settings, observer), settings.cancel)
+    latents = tokens_to_video(tokens.cpu(), inputs.target)
+    frames = decode(session, latents, settings.cancel) if settings.decode else None
+    context = (settings.context or LanceContext(session.model_id)).append(
+        Turn(task, request, media=frames[0] if frames is not None else None))
+    return GenerationResult(latents, session.vae.denormalize(latents).cpu(), frames, context)
 
 
 def initial_noise(inputs: GenerationInputs, seeds: list[int], channels: int) -> torch.Tensor:
-    """[B, N, C] target noise. As the reference: one CPU generator per sample seeded with `seed`, drawing
+    """[B, N, C] target noise. As the reference: one CPU generator per sample seeded with its seed, drawing
     randn(all latent tokens of the sequence, C) and keeping the target block's rows."""
     seq = inputs.seq
     total = sum(b.tokens for b in seq.blocks if b.role != "vit")
@@ -107,33 +61,86 @@ def initial_noise(inputs: GenerationInputs, seeds: list[int], channels: int) -> 
     return torch.stack(rows)
 
 
-def run_generation(llm: LanceLLM, inputs: GenerationInputs, options: SamplerOptions, noise: torch.Tensor,
-                   on_step: Callable[[StepInfo], None] | None = None,
-                   cancel: Callable[[], bool] | None = None, store=None, weights_version=None) -> torch.Tensor:
-    """Denoise `noise` [B, N, C]; returns the final target latents [B, N, C] (normalized, fp32). `store`: a
-    PrefixStore of earlier runs' prefixes (see FlowSampler)."""
-    x = noise.clone()
-    frozen = 0
-    if inputs.first_frame is not None:
-        frozen = inputs.first_frame.shape[0]
-        x[:, :frozen] = inputs.first_frame.to(x)
-    with torch.inference_mode():
-        negative = None
-        if inputs.negative_seq is not None:
-            negative = (inputs.negative_seq, prefix_embeddings(llm, replace(inputs, seq=inputs.negative_seq)))
-        sampler = FlowSampler(llm, inputs.seq, prefix_embeddings(llm, inputs), latent_pos_embed(llm.config, inputs.target),
-                              options, batch=x.shape[0], negative=negative, store=store,
-                              weights_version=weights_version)
-        return sampler.sample(TargetState(x.to(llm.device), frozen), on_step, cancel)
+def checked_noise(noise, inputs: GenerationInputs, channels: int) -> torch.Tensor:
+    require_finite_tensor(noise, "noise")
+    if noise.dim() != 3 or noise.shape[1:] != (inputs.target.tokens, channels) or not 1 <= noise.shape[0] <= MAX_BATCH:
+        raise InputError(f"noise must be [B, {inputs.target.tokens}, {channels}] with B in 1..{MAX_BATCH}, "
+                         f"got shape {tuple(noise.shape)}")
+    return noise
 
 
-def tokens_to_video(tokens: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
-    """[B, N, C] raster tokens -> [B, C, t, h, w]."""
-    b, _, c = tokens.shape
-    return tokens.view(b, grid.frames, grid.height, grid.width, c).permute(0, 4, 1, 2, 3).contiguous()
+def sample(session: LanceSession, inputs: GenerationInputs, options: SamplerOptions, noise: torch.Tensor,
+           on_step: Callable[[StepInfo], None] | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
+    """The library sampler over the session's LLM, reusing stored prefixes. -> final tokens [B, N, C] fp32."""
+    engine = BranchEngine(session.llm, session.prefixes, session.weights_version)
+    with session.running(session.llm, cancel), torch.inference_mode():
+        return FlowSampler(engine, inputs, options, noise.shape[0]).sample(noise, on_step, cancel)
 
 
-def video_to_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, t, h, w] -> [B, N, C] raster tokens."""
-    b, c = latents.shape[:2]
-    return latents.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+def estimate(session: LanceSession, inputs: GenerationInputs, options: SamplerOptions, batch: int,
+             decode_too: bool) -> Estimate:
+    """Lower-bound bytes of the sampling stage (KV cache of the guided branches + the largest forward) and of the
+    decode stage."""
+    cfg, seq = session.config, inputs.seq
+    target = seq.target_split
+    rows = batch * min(options.guidance.branch_count(options.timesteps), 2)
+    longest_prefill = max((s.length for s in seq.splits if s.end <= target.start), default=0)
+    result = Estimate()
+    result.add("sampling", "KV cache", kv_cache_bytes(cfg, rows, target.end, session.dtype))
+    result.add("sampling", "activations", forward_activation_bytes(cfg, max(longest_prefill, batch * target.length),
+                                                                   session.dtype))
+    result.add("sampling", "LLM weights", session.stage_weights(session.llm))
+    if decode_too:
+        add_decode(session, result, inputs.target, batch)
+    return result
+
+
+def add_decode(session: LanceSession, estimate_: Estimate, grid: LatentGrid, batch: int) -> None:
+    c, vae = session.config.constants, session.vae
+    estimate_.add("VAE decode", "VAE working set and output", vae_decode_bytes(
+        int(vae.module.config.decoder_base_dim), c.vae_temporal_factor * (grid.frames - 1) + 1,
+        grid.height * c.vae_spatial_factor, grid.width * c.vae_spatial_factor, batch, vae.dtype, vae.tiling_enabled))
+    estimate_.add("VAE decode", "VAE weights", session.stage_weights(vae.module))
+
+
+def step_hook(grid: LatentGrid, settings: GenerationSettings, observer):
+    if settings.on_step is None and observer is None:
+        return None
+
+    def hook(info: StepInfo) -> None:
+        if observer is not None:
+            observer(info)
+        if settings.on_step is not None:
+            settings.on_step(info.step, info.total, tokens_to_video(info.x0.cpu(), grid))
+    return hook
+
+
+# -- decoding -----------------------------------------------------------------------------------------------
+def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32); `cancel` is polled
+    before every latent frame."""
+    check_latents(session, latents, "latents")
+    require_callable(cancel, "cancel")
+    estimate_ = Estimate()
+    add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
+    session.check(estimate_)
+    with session.running(session.vae.module, cancel), torch.inference_mode():
+        pixels = session.vae.decode(latents)
+    return ((pixels.cpu() + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def check_latents(session: LanceSession, latents, what: str) -> None:
+    """A latent batch the model can decode: [B, z, t, h, w] within the model's sizes, finite."""
+    c, z = session.config.constants, session.vae.z_dim
+    if not isinstance(latents, torch.Tensor):
+        raise InputError(f"{what} must be a torch tensor, got {type(latents).__name__}")
+    shape = tuple(latents.shape)
+    if latents.dim() != 5 or shape[1] != z:
+        raise InputError(f"{what} must be [B, {z}, t, h, w], got shape {shape}")
+    b, _, t, h, w = shape
+    if not (1 <= b <= MAX_BATCH and 1 <= t <= c.max_latent_frames and 1 <= h <= c.max_latent_size
+            and 1 <= w <= c.max_latent_size):
+        raise InputError(f"{what} of shape {shape} is outside what the model supports: batch 1..{MAX_BATCH}, "
+                         f"1..{c.max_latent_frames} latent frames ({c.max_num_frames} video frames) and "
+                         f"1..{c.max_latent_size} latent rows/columns ({c.max_latent_size * c.vae_spatial_factor} px)")
+    require_finite_tensor(latents, what)  # after the size check: a huge tensor is refused before it is scanned

@@ -3,8 +3,9 @@
 One denoising step at 127k tokens or one VAE decode of a long clip takes minutes on CPU; checking between steps
 is not enough. Hooks reach inside loops that live in other libraries (diffusers' Wan VAE calls its decoder once
 per latent frame and its encoder once per chunk) without copying their code. The hooks exist only while a call
-runs, and a `Cancelled` raised from them leaves no state behind that the next call does not reset (the VAE clears
-its frame cache at the start of every encode/decode; the KV cache belongs to the call).
+runs (session.running), and a `Cancelled` raised from them leaves no state behind that the next call could trip
+over: the KV cache belongs to the call, and the session's task wrapper clears the VAE's frame cache and the
+stores kept across runs after any failed or cancelled call.
 """
 from __future__ import annotations
 

@@ -16,6 +16,10 @@ class KVCache:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)) -> None:
         end = start + k.shape[2]
         if end > self.capacity:

@@ -119,8 +119,9 @@ class MoTAttention(nn.Module):
 
 
 class MoTDecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, ops):
+    def __init__(self, cfg: LLMConfig, ops, index: int = 0):
         super().__init__()
+        self.index = index   # which KV-cache layer its attention reads and writes
         self.self_attn = MoTAttention(cfg, ops)
         self.mlp = MLP(cfg, ops)
         self.mlp_moe_gen = MLP(cfg, ops)
@@ -135,7 +136,7 @@ class MoTDecoderLayer(nn.Module):
         cos, sin = rope
         q = apply_rotary(q.transpose(1, 2).float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.transpose(1, 2).float(), cos, sin).to(x.dtype)
-        out = attend(q, k, v.transpose(1, 2))  # [B, Hq, L, D]
+        out = attend(self.index, q, k, v.transpose(1, 2))  # [B, Hq, L, D]
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return per_expert(segments, (x, out), lambda residual, attn, gen: (self._finish(residual, attn, gen),))[0]
 
@@ -163,23 +164,21 @@ class CacheSlot:
 
 
 class BlockAttention:
-    """Binds one block's cache slots so each layer only passes q, k, v."""
+    """Binds one block's cache slots, so a layer passes only its index and q, k, v."""
 
     def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool):
         self.backend, self.cache, self.slots, self.causal = backend, cache, slots, causal
-        self.layer = 0
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             return self.backend(q, k, v, causal_bottom_right=self.causal)
         outputs, first = [], 0
         for slot in self.slots:
             part = slice(first, first + slot.size(self.cache))
-            self.cache.write(self.layer, slot.start, k[part], v[part], slot.rows)
-            keys, values = self.cache.read(self.layer, slot.start + k.shape[2], slot.rows)
+            self.cache.write(layer, slot.start, k[part], v[part], slot.rows)
+            keys, values = self.cache.read(layer, slot.start + k.shape[2], slot.rows)
             outputs.append(self.backend(q[part], keys, values, causal_bottom_right=self.causal))
             first = part.stop
-        self.layer += 1
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -187,7 +186,7 @@ class QwenMoTModel(nn.Module):
     def __init__(self, cfg: LLMConfig, ops):
         super().__init__()
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, ops, index) for index in range(cfg.num_layers))
         self.norm = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -258,7 +257,7 @@ class LanceLLM(nn.Module):
         return self.run_layers(hidden, positions, segments, attend)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], attend) -> torch.Tensor:
-        """The decoder stack with a given attention binding (`attend(q, k, v)` called once per layer in order)."""
+        """The decoder stack with a given attention binding (`attend(layer_index, q, k, v)`)."""
         model = self.language_model.model
         rope = self.rotary(positions.to(self.device))
         x = hidden

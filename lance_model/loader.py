@@ -1,4 +1,5 @@
-"""Build modules on the meta device from the release configs and stream the weights into them."""
+"""Loading a release: every config checked against its weight header first, then the modules built on the meta
+device and the weights streamed into them (VAE, LLM, tokenizer, ViT), as one session."""
 from __future__ import annotations
 
 import logging
@@ -6,13 +7,21 @@ from dataclasses import replace
 
 import torch
 
+from pathlib import Path
+
 from .attention import Attention
-from .checkpoint import (ReleasePaths, assert_no_meta, check_state_keys, materialize, safetensors_keys,
-                         stream_safetensors)
+from .checkpoint import (ReleasePaths, assert_no_meta, check_state_keys, materialize, resolve_release,
+                         safetensors_keys, stream_safetensors)
 from .config import LLMConfig
+from .devices import resolve_device, resolve_dtype
+from .errors import InputError
 from .llm import LanceLLM, MoTDecoderLayer
 from .ops import TorchOps
+from .session import MEMORY_MODES, LanceSession
 from .size_check import check_elements, check_layers, file_elements, layer_count, numel
+from .tokenizer import LanceTokenizer
+from .vae import load_vae
+from .vit import check_vit_files, load_vit
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,9 @@ def check_llm_files(paths: ReleasePaths, ops=TorchOps) -> tuple[LLMConfig, dict[
 
 
 def load_llm(paths: ReleasePaths, dtype: torch.dtype, device: torch.device, ops=TorchOps,
-             attention: Attention | None = None) -> LanceLLM:
-    cfg, found = check_llm_files(paths, ops)
+             attention: Attention | None = None, checked: tuple | None = None) -> LanceLLM:
+    """`checked`: check_llm_files' result when the caller already ran it."""
+    cfg, found = checked or check_llm_files(paths, ops)
     with torch.device("meta"):
         llm = LanceLLM(cfg, ops, attention)
     expected = {key: tuple(t.shape) for key, t in llm.state_dict().items()}
@@ -66,3 +76,46 @@ def load_llm(paths: ReleasePaths, dtype: torch.dtype, device: torch.device, ops=
     assert_no_meta(llm, str(paths.llm_weights))
     log.info("loaded Lance LLM from %s (%d tensors, %s, %s)", paths.llm_weights, len(expected), dtype, device)
     return llm.eval().requires_grad_(False)
+
+
+def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", attention: str = "auto", operations=None,
+                 memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
+                 weights_device: str | torch.device | None = None) -> LanceSession:
+    """See pipeline.load_lance."""
+    if not isinstance(root, (str, Path)):
+        raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
+                         f"{type(root).__name__}")
+    if memory not in MEMORY_MODES:
+        raise InputError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if vit_weights not in ("vit", "lance"):
+        raise InputError(f"vit_weights must be 'vit' or 'lance', got {vit_weights!r}")
+    execution_device = resolve_device(device, "device")
+    dtype = resolve_dtype(dtype, execution_device)
+    if memory == "offload":
+        load_device = torch.device("cpu")
+    else:
+        load_device = resolve_device(weights_device, "weights_device") if weights_device is not None else execution_device
+    paths = resolve_release(root, variant)
+    file_state = paths.snapshot()   # before reading: a file replaced during the load counts as changed
+    ops = operations or TorchOps
+    # every config against its weight header first: a broken ViT config must not wait for the LLM to load
+    lance_vit = paths.llm_weights if vit_weights == "lance" else None
+    llm_files = check_llm_files(paths, ops)
+    vit_files = check_vit_files(paths.vit_config.parent, lance_vit)
+    # the VAE first: its .pth is read through a memory map whose pages stay resident until its load ends, which
+    # then adds to the smallest total (and a broken VAE file fails before the LLM is read)
+    vae = load_vae(paths.vae_weights, dtype, load_device)
+    if vae.z_dim != llm_files[0].constants.latent_channels:
+        raise InputError(f"VAE latent channels {vae.z_dim} do not match the model's {llm_files[0].constants.latent_channels}")
+    if vae_tiling:
+        vae.enable_tiling()
+    llm = load_llm(paths, dtype, load_device, ops, Attention(attention), checked=llm_files)
+    tokenizer = LanceTokenizer(paths.lance_dir, llm.config)
+    vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit, checked=vit_files)
+    if vit.out_hidden_size != llm.config.hidden_size:
+        raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
+    log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
+             paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
+             paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
+    return LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state)

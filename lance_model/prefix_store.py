@@ -6,19 +6,24 @@ carry the ViT embeddings and the clean condition latents), the codes its branch 
 positioned, and the weights. The key hashes all of these plus a weights version the host supplies (ComfyUI:
 the patches applied to the shared weights), so a LoRA, a replaced file or another request is a miss.
 
-Only the last request's branches are kept, in RAM (not on the GPU, where they would hold memory ComfyUI cannot
-see), up to `max_bytes`; a run that fails or is cancelled clears them.
+The library sampler and a host's sampler (the native ComfyUI path) share one store, so a prompt repeated on
+either path, or alternating between them, skips its prefills. The most recently used branches are kept, in RAM
+(not on the GPU, where they would hold memory ComfyUI cannot see), up to `max_entries` branches and `max_bytes`
+(least recently used dropped first); a run that fails or is cancelled clears them.
 """
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from .kv_cache import KVCache
+from .tensor_hash import hash_tensor
 
 DEFAULT_MAX_BYTES = 4 * 2**30
+DEFAULT_MAX_ENTRIES = 8      # branches: a few requests of two or three branches each
 
 
 @dataclass
@@ -33,13 +38,6 @@ class StoredPrefix:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def hash_tensor(digest, tensor: torch.Tensor) -> None:
-    """Feed a tensor's dtype, shape and bytes to a hashlib digest (the bytes are read in place, not copied)."""
-    digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    digest.update(flat.view(torch.uint8).numpy().data)
-
-
 def _digest(seq, embeds: torch.Tensor) -> bytes:
     """A hash of what a sequence's prefixes are computed from: ids, modality codes, positions, embeddings."""
     digest = hashlib.blake2b(digest_size=20)
@@ -49,9 +47,9 @@ def _digest(seq, embeds: torch.Tensor) -> bytes:
 
 
 class PrefixStore:
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.max_bytes = max_bytes
-        self._entries: dict[str, StoredPrefix] = {}
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES):
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self._entries: OrderedDict[str, StoredPrefix] = OrderedDict()   # least recently used first
         self._wanted: set[str] = set()
         self.hits = 0
 
@@ -69,9 +67,12 @@ class PrefixStore:
         return keys
 
     def begin(self, keys: list[str]) -> None:
-        """A new request with these branch keys: forget every other request's prefixes."""
+        """A request with these branch keys starts: they become the most recently used, and are never evicted to
+        make room for each other."""
         self._wanted = set(keys)
-        self._entries = {k: v for k, v in self._entries.items() if k in self._wanted}
+        for key in keys:
+            if key in self._entries:
+                self._entries.move_to_end(key)
 
     def restore(self, key: str, cache: KVCache, row: int) -> StoredPrefix | None:
         """Write a stored prefix into cache row `row`; None when it is not stored."""
@@ -85,14 +86,25 @@ class PrefixStore:
         return entry
 
     def save(self, key: str, cache: KVCache, row: int, length: int, query_pos: torch.Tensor) -> None:
+        """Keep cache row `row`'s first `length` positions if they fit beside the current request's other
+        prefixes (older requests' prefixes are dropped for it)."""
         if key not in self._wanted:
             return
         size = 2 * sum(k[row, :, :length].numel() * k.element_size() for k in cache.keys)
-        if size + self.nbytes > self.max_bytes:
+        in_use = sum(entry.nbytes for k, entry in self._entries.items() if k in self._wanted)
+        if size + in_use > self.max_bytes:
             return
         self._entries[key] = StoredPrefix([k[row, :, :length].to("cpu", copy=True) for k in cache.keys],
                                           [v[row, :, :length].to("cpu", copy=True) for v in cache.values],
                                           length, query_pos)
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            oldest = next(iter(self._entries))
+            if oldest in self._wanted:   # only the current request's prefixes are left
+                break
+            del self._entries[oldest]
 
     @property
     def nbytes(self) -> int:

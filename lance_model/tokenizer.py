@@ -62,10 +62,23 @@ class LanceTokenizer:
         """Encode user text; special-token strings inside it are rejected so a prompt cannot break the template."""
         if not isinstance(text, str):
             raise InputError(f"{what} must be a string, got {type(text).__name__}")
-        for token in self.hf.all_special_tokens + list(getattr(self.hf, "added_tokens_encoder", {})):
-            if token and token in text:
+        for token in self.reserved_tokens():
+            if token in text:
                 raise InputError(f"{what} contains the reserved token {token!r}; remove it")
         return self.encode(text)
+
+    def reserved_tokens(self) -> list[str]:
+        """Special and added token strings: text holding one would be parsed as that control token."""
+        tokens = self.hf.all_special_tokens + list(getattr(self.hf, "added_tokens_encoder", {}))
+        return sorted({t for t in tokens if t}, key=len, reverse=True)
+
+    def without_reserved(self, text: str) -> str:
+        """Model text made safe to put into a prompt: every reserved token string removed."""
+        tokens = self.reserved_tokens()
+        while any(token in text for token in tokens):   # a removal may join two halves into a new token
+            for token in tokens:
+                text = text.replace(token, "")
+        return text
 
     def token_id(self, token: str, what: str) -> int:
         """Id of one vocabulary token (e.g. a stop token); unknown or multi-token strings are an error."""

@@ -39,7 +39,6 @@ class SamplingOptions:
 class DecodeResult:
     ids: list[int]            # generated ids, stop token included when produced
     logits: torch.Tensor      # [steps, vocab] raw logits of every decode step (fp32, CPU)
-    stopped: bool
 
 
 def understanding_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instruction: str, question: str,
@@ -79,7 +78,7 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
         logits = llm.logits(hidden[:, -1])[0]
         step_fn = None  # built at the second token: a one-token answer needs no (captured) step
         next_pos = int(seq.positions[:, -1].max()) + 1
-        ids, all_logits, stopped = [], [], False
+        ids, all_logits = [], []
         for step in range(max_new_tokens):
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {step} generated tokens")
@@ -90,7 +89,6 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
             if on_token is not None:
                 on_token(token)
             if token in stop_ids:
-                stopped = True
                 break
             if step + 1 == max_new_tokens:
                 break
@@ -98,7 +96,7 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
                 step_fn = StaticDecodeStep(llm, cache, cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
                 step_fn.mark_prefix(prompt_len)
             logits = step_fn(token, next_pos + step, prompt_len + step)
-    return DecodeResult(ids, torch.stack(all_logits), stopped)
+    return DecodeResult(ids, torch.stack(all_logits))
 
 
 def choose_token(logits: torch.Tensor, history: list[int], vocab_limit: int, sampling: SamplingOptions,

@@ -110,11 +110,6 @@ class LanceViT(ModuleHandle):
         return int(self.config.spatial_merge_size)
 
     @property
-    def spatial_multiple(self) -> int:
-        """Input height/width must be multiples of this (patch x merge = 28)."""
-        return self.patch_size * self.merge_size
-
-    @property
     def out_hidden_size(self) -> int:
         return int(self.config.out_hidden_size)
 
@@ -122,15 +117,10 @@ class LanceViT(ModuleHandle):
         return patchify(pixels, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
                         merge_size=self.merge_size)
 
-    def tokens_for(self, grid: tuple[int, int, int]) -> int:
-        """Number of merged tokens (LLM payload length) for a pre-merge grid (t, h, w)."""
-        t, h, w = grid
-        return t * h * w // (self.merge_size * self.merge_size)
-
     @torch.no_grad()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised pixels [3, T, H, W] -> [tokens_for(grid), out_hidden] in the module dtype,
-        in (t, row, col) raster order of the merged grid."""
+        """CLIP-normalised pixels [3, T, H, W] -> [t * h * w / merge^2 of its patch grid, out_hidden] in the module
+        dtype, in (t, row, col) raster order of the merged grid."""
         rows, grid = self.patchify(pixels)
         rows = rows.to(device=self.device, dtype=self.dtype)
         grid_thw = torch.tensor([grid], dtype=torch.long, device=self.device)
@@ -181,7 +171,8 @@ def check_vit_files(vit_source, lance_weights: str | Path | None = None):
 
 
 def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu", *, lance_weights: str | Path | None = None) -> LanceViT:
+             device: str | torch.device = "cpu", *, lance_weights: str | Path | None = None,
+             checked: tuple | None = None) -> LanceViT:
     """Build the vision tower from `Qwen2.5-VL-ViT/config.json` and stream its weights into dtype/device.
 
     vit_source: the Qwen2.5-VL-ViT folder, or a (config.json, weights.safetensors) pair.
@@ -189,8 +180,9 @@ def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torc
         instead of `vit.safetensors` (by the reference's load order these would override vit.safetensors; a
         third party reports vit.safetensors reproduces upstream outputs). Default: vit.safetensors. In the tiny
         golden checkpoint both sets are bit-identical, so either reproduces `vit/embeds`.
+    checked: check_vit_files' result when the caller already ran it.
     """
-    config, weights_path, prefix, found = check_vit_files(vit_source, lance_weights)
+    config, weights_path, prefix, found = checked or check_vit_files(vit_source, lance_weights)
     with torch.device("meta"):
         module = Qwen2_5_VisionTransformerPretrainedModel(config)
     expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}

@@ -1,16 +1,17 @@
 """Lance as a core ComfyUI MODEL: a flow `BaseModel` whose diffusion model is the library's `LanceLLM`.
 
-CONDITIONING carries device-free requests (`lance_model.velocity.BranchRequest`: the packed sequence, ViT
-embeddings, clean condition latents and which CFG branch) - never KV tensors. The prefix KV cache is built inside
-the model from the weights as patched for this run (so weight patches / LoRA reach it), once per run and branch,
-and dropped when ComfyUI starts or ends a run (`current_patcher`, set by ModelPatcher.pre_run / cleanup).
+CONDITIONING carries device-free requests (`lance_model.branches.Branch`: the packed sequence, ViT embeddings,
+clean condition latents and which CFG branch) - never KV tensors. The prefix KV cache is built inside the model by
+the library's branch engine from the weights as patched for this run (so weight patches / LoRA reach it), once per
+run and branch, and dropped when ComfyUI starts or ends a run (`current_patcher`, set by ModelPatcher.pre_run /
+cleanup). The engine restores a prefix from the session's prefix store when an earlier run (native or library)
+prefilled the same one with the same weight patches.
 
 The same BaseModel holds the pipeline's ViT and VAE, so its ModelPatcher is the one patcher of the loaded
 release: the all-in-one nodes load it too (two patchers over one set of weights would drop weight patches).
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -23,15 +24,11 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 
 from . import compat
-from .library import input_error, lance_model
+from .errors import input_error
+from .library import lance_model
 
-COND_KEY = "lance"            # model-cond name carrying the BranchRequest list into the diffusion model
+COND_KEY = "lance"            # model-cond name carrying the Branch list into the diffusion model
 REQUEST_KEY = "lance_request"  # CONDITIONING dict key (set by the Lance Conditioning node)
-
-
-def library_module(name: str):
-    """A submodule of the lance_model library (imported the way this pack was imported)."""
-    return importlib.import_module(f"{lance_model().__name__}.{name}")
 
 
 class LanceConfig(comfy.supported_models_base.BASE):
@@ -45,7 +42,7 @@ class LanceConfig(comfy.supported_models_base.BASE):
 
 
 class CONDLance(comfy.conds.CONDConstant):
-    """One chunk's BranchRequest. Chunks of the same target grid batch together; `concat` hands the model the
+    """One chunk's Branch. Chunks of the same target grid batch together; `concat` hands the model the
     list of requests, one per chunk, in the chunks' order."""
 
     def can_concat(self, other) -> bool:
@@ -58,18 +55,23 @@ class CONDLance(comfy.conds.CONDConstant):
 class LanceDiffusion(torch.nn.Module):
     """The diffusion model core calls: latents [B, 48, t, h, w] + sigma -> velocity of the same shape."""
 
-    def __init__(self, llm: torch.nn.Module):
+    def __init__(self, session):
         super().__init__()
-        self.llm = llm
-        self.velocity = library_module("velocity").PrefixVelocity(llm)
+        self.llm = session.llm
+        self.store = session.prefixes
+        # looked up per run: the host connects its weights_version hook after this model is built
+        self.engine = lance_model.branches.BranchEngine(session.llm, self.store, lambda: session.weights_version())
         self.calls = 0  # forwards actually run (EasyCache skips some), for tests and diagnostics
 
     @property
     def dtype(self) -> torch.dtype:
         return self.llm.dtype
 
-    def reset(self) -> None:
-        self.velocity.reset()
+    def reset(self, use_store: bool = True) -> None:
+        """Forget the prefix cache; `use_store` False: do not reuse stored prefixes either (the weights may
+        change between steps without a new patch version)."""
+        self.engine.reset()
+        self.engine.store = self.store if use_store else None
 
     def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
         # routed through DIFFUSION_MODEL wrappers (EasyCache hooks in here); transformer_options stays last
@@ -85,21 +87,21 @@ class LanceDiffusion(torch.nn.Module):
             raise input_error("positive/negative: the Lance MODEL needs conditioning from a 'Lance Conditioning' "
                               "node (text-encoder conditioning such as CLIPTextEncode does not apply)")
         self.calls += 1
-        gen = library_module("generation")
-        tokens = gen.video_to_tokens(x).contiguous()  # contiguous: a strided view changes bf16 GEMM results
-        v = self.velocity(tokens, timestep.reshape(-1), requests)
+        request = lance_model.request
+        tokens = request.video_to_tokens(x).contiguous()  # contiguous: a strided view changes bf16 GEMM results
+        v = lance_model.velocity.host_velocity(self.engine, tokens, timestep.reshape(-1), requests)
         b, c, t, h, w = x.shape
-        return gen.tokens_to_video(v, gen.LatentGrid(t, h, w)).to(x.dtype)
+        return request.tokens_to_video(v, request.LatentGrid(t, h, w)).to(x.dtype)
 
 
 class LanceBaseModel(comfy.model_base.BaseModel):
-    def __init__(self, pipe: torch.nn.Module, device=None):
+    def __init__(self, session, device=None):
         super().__init__(LanceConfig(dict(LanceConfig.unet_config)), comfy.model_base.ModelType.FLOW, device=device)
-        self.diffusion_model = LanceDiffusion(pipe.llm)
+        self.diffusion_model = LanceDiffusion(session)
         # the rest of the release, registered once (the LLM is reached through diffusion_model)
-        self.lance_vit = pipe.vit_model
-        self.lance_vae = pipe.vae_model
-        self.__dict__["pipe"] = pipe  # not a submodule: its LLM/ViT/VAE are already registered above
+        self.lance_vit = session.vit_module
+        self.lance_vae = session.vae_module
+        self.__dict__["session"] = session  # not a submodule: its LLM/ViT/VAE are already registered above
 
     # a new sampling run (pre_run) or its end (cleanup): the prefix cache belongs to one run's weights
     @property
@@ -117,7 +119,7 @@ class LanceBaseModel(comfy.model_base.BaseModel):
         patcher = self.current_patcher
         if patcher is not None and getattr(patcher, "hook_patches", None):
             # scheduled hook patches may change the weights between steps: the prefix is rebuilt every call
-            self.diffusion_model.reset()
+            self.diffusion_model.reset(use_store=False)
         return super()._apply_model(*args, **kwargs)
 
     def extra_conds(self, **kwargs):
@@ -145,14 +147,14 @@ class LanceBaseModel(comfy.model_base.BaseModel):
         tokens = input_shape[0] * math.prod(input_shape[2:])
         width = 16 * cfg.hidden_size + 4 * cfg.intermediate_size
         dtype_bytes = comfy.model_management.dtype_size(self.get_dtype())
-        return tokens * width * dtype_bytes + self.diffusion_model.velocity.cache_bytes
+        return tokens * width * dtype_bytes + self.diffusion_model.engine.cache_bytes
 
 
-def make_patcher(pipe: torch.nn.Module, reload=None):
+def make_patcher(pipe, reload=None):
     """The one ModelPatcher of a loaded release: a core MODEL that the all-in-one nodes load as well. `reload`
     (a zero-argument callable loading the same pipeline again) becomes core's reload factory."""
-    factory = None if reload is None else (lambda: LanceBaseModel(reload()))
-    return compat.model_patcher(LanceBaseModel(pipe), reload=factory)
+    factory = None if reload is None else (lambda: LanceBaseModel(reload().session))
+    return compat.model_patcher(LanceBaseModel(pipe.session), reload=factory)
 
 
 def is_lance_patcher(patcher) -> bool:
@@ -160,13 +162,13 @@ def is_lance_patcher(patcher) -> bool:
 
 
 def conditioning(branch) -> list:
-    """A CONDITIONING list for one BranchRequest. c[0] is a small placeholder tensor so that core conditioning
+    """A CONDITIONING list for one Branch. c[0] is a small placeholder tensor so that core conditioning
     nodes that read it keep working; Lance reads only the request."""
     return [[torch.zeros(1, 1, 1), {REQUEST_KEY: branch}]]
 
 
 def request_of(cond, what: str = "positive"):
-    """The BranchRequest of a Lance CONDITIONING (first entry)."""
+    """The Branch of a Lance CONDITIONING (first entry)."""
     try:
         branch = cond[0][1][REQUEST_KEY]
     except (TypeError, IndexError, KeyError):

@@ -13,8 +13,9 @@ import torch
 
 from . import runtime
 from .compat import io, schema
-from .library import input_error, node_errors
-from .native_model import conditioning, is_lance_patcher, library_module, request_of
+from .errors import input_error, node_errors
+from .library import lance_model
+from .native_model import conditioning, is_lance_patcher, request_of
 from .native_sampling import LanceNoise, apply_guidance, edit_guider, guidance_options, lance_flow_sigmas, \
     register_scheduler
 from .nodes import CATEGORY, CFG_RENORM, IMAGE_RESOLUTIONS, MAX_FRAMES, MAX_SIZE, SEED_MAX, SIZE_STEP, \
@@ -60,8 +61,7 @@ def build_conditioning(pipe, inputs, batch_size: int = 1):
     """positive / negative / image-negative CONDITIONING and the LATENT to sample for one request. The negative
     is the request's negative prompt when it has one, else its caption-dropped branch (the official
     unconditional); the image-negative (for image CFG on edits) is the negative without the source media."""
-    velocity = library_module("velocity")
-    branches = velocity.cfg_branches(inputs)
+    branches = lance_model.branches.cfg_branches(inputs)
     # without media there is no image branch: the negative stands in (the Lance Edit Guider refuses image CFG)
     positive, negative, image_negative = (conditioning(b) for b in (branches + branches[1:])[:3])
     return positive, negative, empty_latent(pipe, inputs, batch_size), image_negative
@@ -74,8 +74,9 @@ def empty_latent(pipe, inputs, batch_size: int) -> dict:
     samples = torch.zeros(batch_size, pipe.config.constants.latent_channels, grid.frames, grid.height, grid.width)
     if inputs.first_frame is None:
         return {"samples": samples}
-    gen = library_module("generation")
-    first = pipe.vae.denormalize(gen.tokens_to_video(inputs.first_frame[None].float(), gen.LatentGrid(1, grid.height, grid.width)))
+    request = lance_model.request
+    first = pipe.vae.denormalize(request.tokens_to_video(inputs.first_frame[None].float(),
+                                                         request.LatentGrid(1, grid.height, grid.width)))
     samples[:, :, :1] = first.cpu()
     mask = torch.ones(batch_size, 1, grid.frames, grid.height, grid.width)
     mask[:, :, :1] = 0.0
@@ -125,11 +126,9 @@ class LanceConditioning(io.ComfyNode):
         model = runtime.check_model(model)
         if task not in TASKS:
             raise input_error(f"task: expected one of {TASKS}, got {task!r}")
-        with model.lock:
-            pipe = model.acquire()
-            inputs = prepare_request(pipe, task, prompt, negative_prompt, int(width), int(height), int(num_frames),
-                                     resolution, image, video, source_fps)
-        return io.NodeOutput(*build_conditioning(pipe, inputs, int(batch_size)))
+        inputs = prepare_request(model.pipe, task, prompt, negative_prompt, int(width), int(height), int(num_frames),
+                                 resolution, image, video, source_fps)
+        return io.NodeOutput(*build_conditioning(model.pipe, inputs, int(batch_size)))
 
 
 def prepare_request(pipe, task, prompt, negative_prompt, width, height, num_frames, resolution, image, video,

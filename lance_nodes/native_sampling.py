@@ -9,8 +9,9 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
-from .library import input_error
-from .native_model import library_module, request_of
+from .errors import input_error
+from .library import lance_model
+from .native_model import request_of
 
 SCHEDULER = "lance_flow"
 
@@ -18,7 +19,7 @@ SCHEDULER = "lance_flow"
 # ---------------------------------------------------------------- schedule
 def lance_flow_sigmas(model_sampling, steps: int) -> torch.Tensor:
     """Lance's t_i (= sigma_i) for the model's shift, exactly: flow_timesteps(steps, shift)."""
-    return library_module("sampler").flow_timesteps(int(steps), float(model_sampling.shift))
+    return lance_model.sampler.flow_timesteps(int(steps), float(model_sampling.shift))
 
 
 def register_scheduler() -> None:
@@ -39,7 +40,6 @@ class LanceNoise:
         self.branch = branch
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
-        gen = library_module("generation")
         samples = input_latent["samples"]
         inputs = self.branch.inputs
         grid = inputs.target
@@ -48,15 +48,15 @@ class LanceNoise:
             raise input_error(f"latent_image: shape {tuple(samples.shape)} does not match the Lance conditioning's "
                               f"target {expected}; use the LATENT output of the same Lance Conditioning node")
         indices = input_latent.get("batch_index") or list(range(samples.shape[0]))
-        noise = gen.initial_noise(inputs, [self.seed + int(i) for i in indices], samples.shape[1])
-        return gen.tokens_to_video(noise, grid)
+        noise = lance_model.generation.initial_noise(inputs, [self.seed + int(i) for i in indices], samples.shape[1])
+        return lance_model.request.tokens_to_video(noise, grid)
 
 
 # ---------------------------------------------------------------- guidance
 def guidance_options(scale: float, low: float, high: float, renorm: str, renorm_min: float, image_scale: float = 1.0):
     """The library's GuidanceOptions, validated (its InputError names the input)."""
-    options = library_module("sampler").GuidanceOptions(float(scale), (float(low), float(high)), renorm,
-                                                        float(renorm_min), image_scale=float(image_scale))
+    options = lance_model.guidance.GuidanceOptions(float(scale), (float(low), float(high)), renorm, float(renorm_min),
+                                                   image_scale=float(image_scale))
     options.validate()
     return options
 
@@ -64,10 +64,10 @@ def guidance_options(scale: float, low: float, high: float, renorm: str, renorm_
 def guided(cond, uncond, image_uncond, options) -> torch.Tensor:
     """The library's guided velocity (text CFG, image CFG when `image_uncond` is given, renorm) on core's
     [B, C, t, h, w] sigma*v values: the combination is linear and the renorm ratio does not depend on sigma."""
-    gen, sampler = library_module("generation"), library_module("sampler")
+    request = lance_model.request
     b, _, t, h, w = cond.shape
-    tokens = [None if v is None else gen.video_to_tokens(v) for v in (cond, uncond, image_uncond)]
-    return gen.tokens_to_video(sampler.guided_velocity(*tokens, options), gen.LatentGrid(t, h, w))
+    tokens = [None if v is None else request.video_to_tokens(v) for v in (cond, uncond, image_uncond)]
+    return request.tokens_to_video(lance_model.guidance.guided_velocity(*tokens, options), request.LatentGrid(t, h, w))
 
 
 class GuidedRenorm:

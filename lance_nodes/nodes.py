@@ -1,4 +1,5 @@
-"""The Lance nodes (ComfyUI V3 schema). Thin glue: every computation is a call into `lance_model`.
+"""The Lance nodes (ComfyUI V3 schema): each a schema and a short `execute` that checks the node's inputs and
+calls one task method of the loaded pipeline (through runtime.py for progress, previews and interrupt).
 
 Widget order is part of the released contract (UI workflows store widget values by position):
 tests/test_nodes_schema.py freezes it. Append new inputs at the end only.
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 from . import compat, runtime
 from .compat import io, ui
-from .library import input_error, lance_model, node_errors
+from .errors import input_error, node_errors
+from .library import lance_model
 
 CATEGORY = "Lance"
 
@@ -55,6 +57,13 @@ def _image_cfg_input():
                 "more. 1 = off (the official guidance); other values add a third model pass per guided step.")
 
 
+def _seed_stride_input():
+    return io.Int.Input(
+        "seed_stride", display_name="Seed stride", optional=True, default=1, min=1, max=SEED_MAX, step=1,
+        tooltip="Sample i of a batch uses seed + i x stride. Leave at 1 on one machine; with ComfyUI-Distributed "
+                "set it to the number of machines, so that no two machines draw the same sample.")
+
+
 def _sampling_inputs(steps: int = 30):
     return [
         io.Int.Input("steps", display_name="Steps", default=steps, min=1, max=200, step=1,
@@ -79,30 +88,22 @@ def _sampling_inputs(steps: int = 30):
         io.Int.Input("seed", display_name="Seed", default=42, min=0, max=SEED_MAX, step=1,
                      control_after_generate=True,
                      tooltip="Noise seed: the same seed and settings give the same result. Sample i of a batch "
-                             "uses seed + i."),
+                             "uses seed + i (x the seed stride)."),
         io.Int.Input("batch_size", display_name="Batch size", default=1, min=1, max=16, step=1,
                      tooltip="How many samples to generate in one run."),
     ]
 
 
-def _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end, cfg_renorm,
-             cfg_renorm_min, seed, batch_size, image_cfg_scale=None):
-    """The common start of every sampling node: checked model and context, and the library's options
-    (image_cfg_scale: edit nodes only)."""
+def _settings(model, context, sampling: dict, **extra):
+    """The common start of every sampling node: the checked model and the library's GenerationSettings from the
+    sampling widgets (`_sampling_inputs`) and the node's extra options, validated by the library (its errors name
+    each option)."""
     model = runtime.check_model(model)
-    context = runtime.check_context(context, model)
-    runtime.check_finite(shift=shift, cfg_scale=cfg_scale, cfg_interval_start=cfg_interval_start,
-                         cfg_interval_end=cfg_interval_end, cfg_renorm_min=cfg_renorm_min,
-                         image_cfg_scale=image_cfg_scale)
-    if cfg_interval_start > cfg_interval_end:
-        raise input_error(f"cfg_interval_start ({cfg_interval_start}) must not be greater than "
-                          f"cfg_interval_end ({cfg_interval_end})")
-    options = dict(steps=int(steps), shift=float(shift), cfg_scale=float(cfg_scale),
-                   cfg_interval=(float(cfg_interval_start), float(cfg_interval_end)), cfg_renorm=cfg_renorm,
-                   cfg_renorm_min=float(cfg_renorm_min), seed=int(seed), batch_size=int(batch_size), context=context)
-    if image_cfg_scale is not None:
-        options["image_cfg_scale"] = float(image_cfg_scale)
-    return model, options
+    start, end = sampling.pop("cfg_interval_start"), sampling.pop("cfg_interval_end")
+    settings = lance_model.GenerationSettings(cfg_interval=(start, end), context=runtime.check_context(context, model),
+                                              **sampling, **extra)
+    settings.validate()
+    return model, settings
 
 
 def _image_outputs():
@@ -156,7 +157,7 @@ class LanceLoader(io.ComfyNode):
                                        "otherwise."),
                 io.Combo.Input("attention", display_name="Attention", options=["auto", "sdpa", "flash"], default="auto",
                                tooltip="Attention backend; flash needs the flash-attn package."),
-                io.Combo.Input("memory_mode", display_name="Memory mode", options=list(runtime.MEMORY_MODES),
+                io.Combo.Input("memory_mode", display_name="Memory mode", options=list(runtime.LOADER_MEMORY_MODES),
                                default="resident",
                                tooltip="resident: keep the weights on the GPU between runs. offload: move them "
                                        "back to RAM after each node (for small GPUs). dynamic: keep them in RAM "
@@ -193,18 +194,17 @@ class LanceT2I(io.ComfyNode):
                 *_sampling_inputs(30),
                 _context_input(),
                 _negative_prompt_input(),
+                _seed_stride_input(),
             ],
             outputs=[*_image_outputs(), _context_output()],
         )
 
     @classmethod
     @node_errors
-    def execute(cls, model, prompt, width, height, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt=""):
-        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size)
-        result = runtime.run(model, "text_to_image", prompt, width=int(width), height=int(height),
-                             negative_prompt=negative_prompt or "", **gen)
+    def execute(cls, model, prompt, width, height, context=None, negative_prompt="", seed_stride=1, **sampling):
+        model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
+                                    seed_stride=seed_stride)
+        result = runtime.generate(model.pipe.text_to_image, prompt, width=width, height=height, settings=settings)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -232,23 +232,22 @@ class LanceT2V(io.ComfyNode):
                                tooltip="Optional first frame: image to video."),
                 _context_input(),
                 _negative_prompt_input(),
+                _seed_stride_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
 
     @classmethod
     @node_errors
-    def execute(cls, model, prompt, width, height, num_frames, resolution, fps, steps, shift, cfg_scale,
-                cfg_interval_start, cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size,
-                start_image=None, context=None, negative_prompt=""):
-        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size)
+    def execute(cls, model, prompt, width, height, num_frames, resolution, fps, start_image=None, context=None,
+                negative_prompt="", seed_stride=1, **sampling):
+        model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
+                                    seed_stride=seed_stride)
         runtime.check_finite(fps=fps)
         if start_image is not None:
             start_image = runtime.check_image(start_image, "start_image")
-        result = runtime.run(model, "text_to_video", prompt, width=int(width), height=int(height),
-                             num_frames=int(num_frames), start_image=start_image, resolution=resolution,
-                             negative_prompt=negative_prompt or "", **gen)
+        result = runtime.generate(model.pipe.text_to_video, prompt, width=width, height=height, num_frames=num_frames,
+                                  start_image=start_image, resolution=resolution, settings=settings)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -271,20 +270,19 @@ class LanceEdit(io.ComfyNode):
                 _context_input(),
                 _negative_prompt_input(),
                 _image_cfg_input(),
+                _seed_stride_input(),
             ],
             outputs=[*_image_outputs(), _context_output()],
         )
 
     @classmethod
     @node_errors
-    def execute(cls, model, image, instruction, resolution, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, negative_prompt="",
-                image_cfg_scale=1.0):
-        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size, image_cfg_scale)
+    def execute(cls, model, image, instruction, resolution, context=None, negative_prompt="", image_cfg_scale=1.0,
+                seed_stride=1, **sampling):
+        model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
+                                    image_cfg_scale=image_cfg_scale, seed_stride=seed_stride)
         image = runtime.check_image(image, "image")
-        result = runtime.run(model, "edit_image", image, instruction, resolution=resolution,
-                             negative_prompt=negative_prompt or "", **gen)
+        result = runtime.generate(model.pipe.edit_image, image, instruction, resolution=resolution, settings=settings)
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -309,21 +307,21 @@ class LanceVideoEdit(io.ComfyNode):
                 _source_fps_input(),
                 _negative_prompt_input(),
                 _image_cfg_input(),
+                _seed_stride_input(),
             ],
             outputs=[*_video_outputs(), _context_output()],
         )
 
     @classmethod
     @node_errors
-    def execute(cls, model, video, instruction, resolution, fps, steps, shift, cfg_scale, cfg_interval_start,
-                cfg_interval_end, cfg_renorm, cfg_renorm_min, seed, batch_size, context=None, source_fps=0.0,
-                negative_prompt="", image_cfg_scale=1.0):
-        model, gen = _prepare(model, context, steps, shift, cfg_scale, cfg_interval_start, cfg_interval_end,
-                              cfg_renorm, cfg_renorm_min, seed, batch_size, image_cfg_scale)
+    def execute(cls, model, video, instruction, resolution, fps, context=None, source_fps=0.0, negative_prompt="",
+                image_cfg_scale=1.0, seed_stride=1, **sampling):
+        model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
+                                    image_cfg_scale=image_cfg_scale, seed_stride=seed_stride)
         runtime.check_finite(fps=fps, source_fps=source_fps)
         video = runtime.check_video(video, "video")
-        result = runtime.run(model, "edit_video", video, instruction, resolution=resolution,
-                             fps=float(source_fps) or None, negative_prompt=negative_prompt or "", **gen)
+        result = runtime.generate(model.pipe.edit_video, video, instruction, resolution=resolution,
+                                  fps=float(source_fps) or None, settings=settings)
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -332,7 +330,7 @@ def _sampling_options(temperature: float, top_p: float, seed: int):
     """None = greedy decoding; otherwise the library's SamplingOptions."""
     if temperature <= 0:
         return None
-    return lance_model().SamplingOptions(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
+    return lance_model.SamplingOptions(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
 
 
 class LanceUnderstand(io.ComfyNode):
@@ -395,11 +393,10 @@ class LanceUnderstand(io.ComfyNode):
         def on_token(text_so_far: str) -> None:
             compat.send_text(node_id, text_so_far)
 
-        result = runtime.run(model, "understand", media, question, progress=False,
-                             instruction=instruction or None,
-                             resolution=None if resolution == "auto" else resolution,
-                             max_new_tokens=int(max_new_tokens), sampling=_sampling_options(temperature, top_p, seed),
-                             on_token=on_token, context=context, fps=float(source_fps) or None)
+        result = runtime.call(model.pipe.understand, media, question, instruction=instruction or None,
+                              resolution=None if resolution == "auto" else resolution,
+                              max_new_tokens=max_new_tokens, sampling=_sampling_options(temperature, top_p, seed),
+                              on_token=on_token, context=context, fps=float(source_fps) or None)
         return io.NodeOutput(result.text, result.context, ui=ui.PreviewText(result.text))
 
 
@@ -427,8 +424,7 @@ class LancePromptEnhance(io.ComfyNode):
         model = runtime.check_model(model)
         if not prompt or not prompt.strip():
             raise input_error("prompt is empty: write a short prompt to enhance")
-        text = runtime.run(model, "enhance_prompt", prompt, progress=False, target=target,
-                           max_new_tokens=int(max_new_tokens))
+        text = runtime.call(model.pipe.enhance_prompt, prompt, target=target, max_new_tokens=max_new_tokens)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
@@ -451,7 +447,7 @@ class LanceDecode(io.ComfyNode):
     def execute(cls, model, samples):
         model = runtime.check_model(model)
         latent = runtime.check_latent(samples, "samples")
-        frames = runtime.run(model, "decode_raw_latents", latent, progress=False)
+        frames = runtime.call(model.pipe.decode_raw_latents, latent, what="samples")
         return io.NodeOutput(runtime.frames_to_image(frames))
 
 

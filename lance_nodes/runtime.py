@@ -1,4 +1,4 @@
-"""Model cache, device placement, progress/preview/interrupt plumbing and input checks shared by the nodes.
+"""The loaded-model cache, input checks and progress/preview/interrupt plumbing shared by the nodes.
 
 No model math here: every computation is a call into `lance_model`.
 """
@@ -9,12 +9,13 @@ import math
 import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import compat
-from .library import CheckpointError, errors, input_error, lance_model
+from .errors import CheckpointError, input_error
+from .library import lance_model
 from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
 
 log = logging.getLogger("lance_nodes")
@@ -23,8 +24,9 @@ LATENT_CHANNELS = 48           # Wan2.2 VAE latent channels (ComfyUI's Wan22 lat
 
 
 @dataclass
-class LanceModel:
-    """The value carried by LANCE_MODEL sockets: one loaded Lance release, shared by all nodes and queue runs."""
+class LoadedLance:
+    """The value carried by LANCE_MODEL sockets: one loaded Lance release (the library's pipeline and the one
+    ComfyUI patcher over its weights), shared by all nodes and queue runs."""
 
     name: str
     path: str
@@ -32,42 +34,29 @@ class LanceModel:
     dtype: str
     attention: str
     memory_mode: str
-    pipe: torch.nn.Module
+    pipe: lance_model.LancePipeline
     patcher: object = None
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def model_id(self) -> str:
         return self.pipe.model_id
 
     def __repr__(self) -> str:  # shown by PreviewAny and in errors
-        return (f"LanceModel({self.name!r}, variant={self.pipe.variant}, "
+        return (f"LoadedLance({self.name!r}, variant={self.pipe.variant}, "
                 f"dtype={self.pipe.dtype}, memory={self.memory_mode})")
-
-    def acquire(self) -> torch.nn.Module:
-        """Put the weights back on the device if ComfyUI offloaded them under memory pressure."""
-        # After a partial (low-VRAM) load ComfyUI streams only the layers built from its ops (the LLM's
-        # Linear/Embedding); the library moves the ViT and VAE whole onto the execution device when they run.
-        if self.patcher is not None:
-            compat.load_to_device(self.patcher, full=False)
-        return self.pipe
-
-    def release(self) -> None:
-        """Nothing to do: resident models stay in ComfyUI's loaded-model list (it frees them under memory
-        pressure); offload models are moved back to RAM by the library after each stage."""
 
 
 # Every model some graph still holds (ComfyUI's output cache keeps a loader's result alive), so two loaders with
 # different options share nothing and coexist; ComfyUI's memory manager decides what to move off the GPU. The
 # model used last stays referenced here too, so it survives prompts without Lance nodes.
-_LIVE: "weakref.WeakValueDictionary[tuple, LanceModel]" = weakref.WeakValueDictionary()
-_LAST_USED: list[LanceModel] = []
+_LIVE: "weakref.WeakValueDictionary[tuple, LoadedLance]" = weakref.WeakValueDictionary()
+_LAST_USED: list[LoadedLance] = []
 _CACHE_LOCK = threading.Lock()
 
-# resident: the weights are built on the GPU and ComfyUI's classic patcher manages them; dynamic: built in RAM
-# for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads them to the GPU as memory allows);
-# offload: the library moves each stage to the GPU only while it runs
-MEMORY_MODES = ("resident", "offload", "dynamic")
+# the loader's memory_mode. resident: the weights are built on the GPU and ComfyUI's classic patcher manages
+# them; dynamic: built in RAM for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads
+# them to the GPU as memory allows); offload: the library moves each stage to the GPU only while it runs
+LOADER_MEMORY_MODES = ("resident", "offload", "dynamic")
 DOWNLOAD_HINT = ("Download the release with `hf download bytedance-research/Lance --local-dir "
                  "ComfyUI/models/lance/Lance-3B` (Lance_3B/, Lance_3B_Video/, Qwen2.5-VL-ViT/, Wan2.2_VAE.pth) "
                  "and refresh.")
@@ -93,11 +82,11 @@ def resolve_model_path(name: str) -> str:
 
 
 def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: str = "auto",
-              memory_mode: str = "resident") -> LanceModel:
+              memory_mode: str = "resident") -> LoadedLance:
     """Load (once) and return the shared model for these options. A model whose files changed on disk since it
     was loaded is loaded again; a failed load leaves every cached model as it was."""
-    if memory_mode not in MEMORY_MODES:
-        raise input_error(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    if memory_mode not in LOADER_MEMORY_MODES:
+        raise input_error(f"memory_mode must be one of {LOADER_MEMORY_MODES}, got {memory_mode!r}")
     path = resolve_model_path(name)
     key = (path, variant, dtype, attention, memory_mode)
     with _CACHE_LOCK:
@@ -115,7 +104,7 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
         return model
 
 
-def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
+def _load(name, path, variant, dtype, attention, memory_mode) -> LoadedLance:
     # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
     # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
     # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
@@ -123,24 +112,33 @@ def _load(name, path, variant, dtype, attention, memory_mode) -> LanceModel:
     weights = compat.weight_device() if memory_mode == "dynamic" else None
 
     def build():
-        return lance_model().load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                        attention=attention, operations=compat.manual_cast_ops(),
-                                        memory=library_memory, weights_device=weights)
+        return lance_model.load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
+                                      attention=attention, operations=compat.manual_cast_ops(),
+                                      memory=library_memory, weights_device=weights)
 
     pipe = build()
     # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
     patcher = make_patcher(pipe, reload=build) if memory_mode != "offload" else None
-    # before a request that does not fit is refused, core may free other models' memory; a weak reference, so
-    # that pipe -> hook -> patcher -> pipe is no cycle (a dropped model's weights are freed at once, not at gc)
+    connect_host(pipe.session, patcher)
+    return LoadedLance(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
+                       memory_mode=memory_mode, pipe=pipe, patcher=patcher)
+
+
+def connect_host(session, patcher) -> None:
+    """The session's host hooks. A weak reference to the patcher, so that session -> hook -> patcher -> session is
+    no cycle (a dropped model's weights are freed at once, not at the next gc)."""
     keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
-    pipe.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=keep())
+    if patcher is not None:
+        # every library call first puts the weights back on the device if ComfyUI offloaded them under memory
+        # pressure (after a partial low-VRAM load core streams the LLM's layers; the library moves ViT and VAE)
+        session.before_call = lambda: keep() is not None and compat.load_to_device(keep(), full=False)
+    # before a request that does not fit is refused, core may free other models' memory
+    session.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=keep())
     # prefixes and encodings kept across runs must not outlive a LoRA clone patching the shared weights in place
-    pipe.weights_version = lambda: compat.applied_patches(keep())
-    return LanceModel(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
-                      memory_mode=memory_mode, pipe=pipe, patcher=patcher)
+    session.weights_version = lambda: compat.applied_patches(keep())
 
 
-def _remember(model: LanceModel) -> None:
+def _remember(model: LoadedLance) -> None:
     _LAST_USED[:] = [model]
 
 
@@ -149,24 +147,24 @@ def model_files_fingerprint(name: str, variant: str = "auto") -> str:
     LanceLoader's fingerprint, so that ComfyUI runs the loader again (and it reloads) when a file is replaced,
     even when the loader's output is cached."""
     try:
-        paths = lance_model().checkpoint.resolve_release(resolve_model_path(name), variant)
-    except (CheckpointError, errors().CheckpointError):
+        paths = lance_model.checkpoint.resolve_release(resolve_model_path(name), variant)
+    except (CheckpointError, lance_model.CheckpointError):
         return "missing"
     return repr(sorted(paths.snapshot().items()))
 
 
 # ---------------------------------------------------------------- input checks (clear errors on the node)
-def check_model(model) -> LanceModel:
-    if not isinstance(model, LanceModel):
+def check_model(model) -> LoadedLance:
+    if not isinstance(model, LoadedLance):
         raise input_error(f"model: expected a LANCE_MODEL from the Lance Loader node, got {type(model).__name__}")
     return model
 
 
-def check_context(context, model: LanceModel, what: str = "context"):
+def check_context(context, model: LoadedLance, what: str = "context"):
     """None, or a LanceContext made by this same model."""
     if context is None:
         return None
-    if not isinstance(context, lance_model().LanceContext):
+    if not isinstance(context, lance_model.LanceContext):
         raise input_error(f"{what}: expected a LANCE_CONTEXT from a Lance node, got {type(context).__name__}")
     context_id = context.model_id
     if context_id != model.model_id:
@@ -249,38 +247,33 @@ class _Progress:
         self.bar.update_absolute(self.done, total, preview)
 
 
-def call(fn, *args, progress: bool = True, cancel: bool = True, **kwargs):
-    """Run one library call with the interrupt check (every step) and the progress bar + latent previews.
+def generate(task, *args, settings, **kwargs):
+    """Run one generation task method of a pipeline (e.g. `model.pipe.text_to_image`) with `settings` wired to
+    the progress bar + latent previews and to ComfyUI's interrupt."""
+    settings = replace(settings, on_step=_Progress(settings.steps).on_step, cancel=compat.interrupted)
+    return _interruptible(task, *args, settings=settings, **kwargs)
 
-    lance_model.errors.Cancelled becomes ComfyUI's InterruptProcessingException; the model stays usable.
-    """
+
+def call(task, *args, **kwargs):
+    """Run one other library call (understanding, decoding) with `cancel` = ComfyUI's interrupt check."""
+    return _interruptible(task, *args, cancel=compat.interrupted, **kwargs)
+
+
+def _interruptible(task, *args, **kwargs):
+    """A library Cancelled becomes ComfyUI's InterruptProcessingException; the model stays usable."""
     if compat.interrupted():
         compat.raise_interrupt()
-    if progress:
-        kwargs["on_step"] = _Progress(kwargs.get("steps", 1)).on_step
-    if cancel:
-        kwargs["cancel"] = compat.interrupted
     try:
-        return fn(*args, **kwargs)
-    except errors().Cancelled:
+        return task(*args, **kwargs)
+    except lance_model.Cancelled:
         compat.raise_interrupt()
-
-
-def run(model: LanceModel, method: str, *args, **kwargs):
-    """Acquire the model on its device, call `pipe.<method>`, release it again in offload mode."""
-    with model.lock:
-        pipe = model.acquire()
-        try:
-            return call(getattr(pipe, method), *args, **kwargs)
-        finally:
-            model.release()
 
 
 def describe_context(context) -> str:
     """A readable transcript of a LanceContext (LanceContext.summary()), for LanceContextView."""
     if context is None:
         return "(no context)"
-    if not isinstance(context, lance_model().LanceContext):
+    if not isinstance(context, lance_model.LanceContext):
         raise input_error(f"context: expected a LANCE_CONTEXT from a Lance node, got {type(context).__name__}")
     return context.summary()
 

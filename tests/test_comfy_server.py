@@ -24,12 +24,21 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import (GOLDEN_DIR, REPO_ROOT, make_input_dir, make_models_dir,  # noqa: E402
-                                      require_host)
-from tests.fixtures.tiny_workflows import (EXPECTED, TINY_SIZE, bad_workflows, shipped_api_workflows,  # noqa: E402
-                                           tiny)
-import lance_nodes  # noqa: E402  (node ids only: importing the package needs nothing from ComfyUI)
+import lance_nodes  # node ids only: importing the package needs nothing from ComfyUI
+from tests.fixtures.comfy_env import (
+    GOLDEN_DIR,
+    REPO_ROOT,
+    make_input_dir,
+    make_models_dir,
+    require_host,
+)
+from tests.fixtures.tiny_workflows import (
+    EXPECTED,
+    TINY_SIZE,
+    bad_workflows,
+    shipped_api_workflows,
+    tiny,
+)
 
 pytestmark = pytest.mark.comfy
 
@@ -245,7 +254,7 @@ def test_interrupt_through_the_server_then_next_prompt_runs(host, tmp_path):
     """A long LanceT2I is interrupted through POST /interrupt while it samples: the prompt ends as interrupted
     (well before its last step) and the same server then runs the next prompt with the cached model."""
     import time
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
+
     import run_workflow as runner
 
     base = tmp_path / "base"
@@ -260,16 +269,16 @@ def test_interrupt_through_the_server_then_next_prompt_runs(host, tmp_path):
         workflow = tiny(shipped_api_workflows()["t2i"])
         long_run = runner.apply_sets(json.loads(json.dumps(workflow)), [
             "LanceT2I.steps=200", "LanceT2I.width=1024", "LanceT2I.height=1024"])
-        prompt_id = runner._request(server, "/prompt", {"prompt": long_run})["prompt_id"]
+        prompt_id = runner.api_request(server, "/prompt", {"prompt": long_run})["prompt_id"]
         deadline = time.time() + 120
-        while time.time() < deadline and not runner._request(server, "/queue")["queue_running"]:
+        while time.time() < deadline and not runner.api_request(server, "/queue")["queue_running"]:
             time.sleep(0.2)
         time.sleep(3.0)  # model loaded and sampling
         started = time.time()
-        runner._request(server, "/interrupt", {})
+        runner.api_request(server, "/interrupt", {})
         entry = None
         while time.time() < deadline:
-            entry = runner._request(server, f"/history/{prompt_id}").get(prompt_id)
+            entry = runner.api_request(server, f"/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("status_str"):
                 break
             time.sleep(0.2)

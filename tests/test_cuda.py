@@ -3,8 +3,7 @@ reported as skipped; run them on a GPU machine with `pytest tests/test_cuda.py`.
 import pytest
 import torch
 
-from conftest import assert_close
-from test_generation_parity import prepare, settings_for
+from tests.helpers import assert_close, prepare, settings_for, x2t_request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,9 +43,8 @@ def test_parity_cuda_fp32(cuda_fp32, golden, name):
 
 
 def test_parity_cuda_fp32_understanding(cuda_fp32, golden):
-    from test_understanding_parity import request
     
-    instruction, question = request(golden, "x2t_image")
+    instruction, question = x2t_request(golden, "x2t_image")
     out = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                                resolution="image_256res", max_new_tokens=golden.hyper("x2t_image")["max_new_tokens"])
     assert out.token_ids == golden.tensors("x2t_image")["out/generated_ids"].tolist()
@@ -74,7 +72,11 @@ def test_bf16_batched_cfg_matches_sequential(cuda_bf16, golden):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cuda_graph_decode_matches_eager(golden, dtype, request):
     pipe = request.getfixturevalue("cuda_fp32" if dtype == "fp32" else "cuda_bf16")
-    from lance_model.understanding import decode, prompt_embeddings, understanding_sequence
+    from lance_model.understanding import (
+        decode,
+        prompt_embeddings,
+        understanding_sequence,
+    )
 
     seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
     embeds = prompt_embeddings(pipe.llm, seq, [])

@@ -3,45 +3,8 @@ packed inputs, noise, step-0 velocities, final latents and decoded pixels, throu
 import pytest
 import torch
 
-from conftest import assert_close
-from lance_model import GenerationSettings
-from lance_model.generation import tokens_to_video
 from lance_model.packing import CODE_CAPTION
-
-GEN_TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
-
-
-def settings_for(golden, name, **extra) -> GenerationSettings:
-    hp = golden.hyper(name)
-    return GenerationSettings(steps=hp["steps"], shift=hp["timestep_shift"], cfg_scale=hp["cfg_text_scale"],
-                              cfg_interval=tuple(hp["cfg_interval"]), cfg_renorm=hp["cfg_renorm_type"],
-                              cfg_renorm_min=hp["cfg_renorm_min"], seed=hp["validation_noise_seed"], **extra)
-
-
-def to_tokens(latent_thwc: torch.Tensor) -> torch.Tensor:
-    return latent_thwc.reshape(-1, latent_thwc.shape[-1])
-
-
-def prepare(pipe, golden, name, settings):
-    """Build the request as a user would; where the reference draws unseeded random condition latents
-    (posterior samples), inject the fixture's `vae_encode/padded_latent.0` (their means are checked in
-    test_vae_parity.py)."""
-    hp, fx = golden.hyper(name), golden.tensors(name)
-    frames = 1 if name in ("t2i", "image_edit") else hp["num_frames"]
-    if name == "t2i":
-        return pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
-    if name == "t2v":
-        return pipe.prepare_text_to_video(hp["caption"], hp["video_width"], hp["video_height"], frames)
-    if name == "i2v":
-        inputs = pipe.prepare_text_to_video(hp["caption"], hp["video_width"], hp["video_height"], frames,
-                                            start_image=golden.input_media(name), resolution=hp["resolution"],
-                                            settings=settings)
-        inputs.first_frame = to_tokens(fx["vae_encode/padded_latent.0"][:1])
-        return inputs
-    inputs = pipe.prepare_edit(golden.input_media(name), hp["caption"], video=name == "video_edit",
-                               resolution=hp["resolution"], settings=settings)
-    inputs.source_latents = [to_tokens(fx["vae_encode/padded_latent.0"])]
-    return inputs
+from tests.helpers import GEN_TASKS, assert_close, prepare, settings_for
 
 
 def reference_packed_fields(inputs) -> dict:
@@ -189,11 +152,11 @@ def test_uncond_branch_drops_exactly_the_caption(pipe, golden, runs):
 
 def test_auto_cfg_batching_matches_both_modes(pipe, golden, monkeypatch):
     """Auto mode picks batched or sequential by size; both give the same latents."""
-    from lance_model import sampler
+    from lance_model import branches
 
     settings = settings_for(golden, "t2i", decode=False)
     inputs = prepare(pipe, golden, "t2i", settings)
     auto = pipe.generate("t2i", "x", inputs, settings).latents
-    monkeypatch.setattr(sampler, "BATCHED_CFG_MAX_TOKENS", 1)
+    monkeypatch.setattr(branches, "BATCHED_CFG_MAX_TOKENS", 1)
     forced_sequential = pipe.generate("t2i", "x", inputs, settings).latents
     assert_close(auto, forced_sequential, 1e-5, "auto (batched) vs auto over the limit (sequential)")

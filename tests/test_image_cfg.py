@@ -4,9 +4,9 @@ own path for it is broken, so these tests check the algebra and what each branch
 import pytest
 import torch
 
-from conftest import assert_close
 from lance_model import InputError
 from lance_model.pipeline import GenerationSettings
+from tests.helpers import assert_close
 
 INSTRUCTION = "make the sky red"
 STEPS = 3

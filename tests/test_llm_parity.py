@@ -1,9 +1,9 @@
 """The MoT LLM block forward against the reference's forward_train on a packed sequence with a dense mask."""
 import torch
 
-from conftest import assert_close
 from lance_model.attention import bottom_right_causal_mask
 from lance_model.llm import segments_from_mask
+from tests.helpers import assert_close
 
 
 def test_parity_llm_forward(pipe, golden):

@@ -4,13 +4,20 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close
 from lance_model.attention import Attention, bottom_right_causal_mask
 from lance_model.llm import MLP, Segment, segments_from_mask
 from lance_model.ops import TorchOps
-from lance_model.positions import (GridBlock, MultimodalRotary, apply_modality_shift, apply_rotary,
-                                   latent_position_embedding, rope_index, timestep_sinusoid)
+from lance_model.positions import (
+    GridBlock,
+    MultimodalRotary,
+    apply_modality_shift,
+    apply_rotary,
+    latent_position_embedding,
+    rope_index,
+    timestep_sinusoid,
+)
 from lance_model.sampler import flow_timesteps
+from tests.helpers import assert_close
 
 
 def test_rope_index_toy_example():
@@ -105,6 +112,7 @@ def test_chunked_mlp_equals_unchunked(monkeypatch):
 def test_zero_skipping_causal_conv_matches_diffusers(frames, cached, kernel, padding):
     """The VAE's faster causal conv (lance_model/vae_convs.py) equals diffusers' layer for every cache state."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
     from lance_model.vae_convs import ZeroSkippingCausalConv3d, skip_zero_frames
     torch.manual_seed(0)
     plain = WanCausalConv3d(6, 5, kernel, padding=padding)

@@ -3,16 +3,18 @@
 
 Parity tests (`-k "native and parity"`) run every generation fixture through core's sampler and compare the final
 latents with the official ones (manifest tolerances) and with the library sampler."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import assert_close  # noqa: E402
-from test_generation_parity import GEN_TASKS, prepare, settings_for  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, models_dir, nodes, tiny_model  # noqa: E402,F401
+from tests.helpers import (
+    GEN_TASKS,
+    assert_close,
+    core_wan22_vae,
+    golden_image,
+    prepare,
+    settings_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,11 @@ def core_model(native, tiny_model, hp, guidance=True):
 def sample_custom_advanced(native, model, positive, negative, latent, hp, steps=None):
     """SamplerCustomAdvanced(Lance Noise, CFGGuider, euler, Lance Scheduler) -> normalized latents [B,C,t,h,w]."""
     import comfy.latent_formats
-    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
+    from comfy_extras.nodes_custom_sampler import (
+        CFGGuider,
+        KSamplerSelect,
+        SamplerCustomAdvanced,
+    )
     sigmas = native.LanceScheduler.execute(model, steps or hp["steps"]).args[0]
     noise = native.LanceNoiseNode.execute(hp["validation_noise_seed"], positive).args[0]
     (guider,) = CFGGuider().get_guider(model, positive, negative, hp["cfg_text_scale"])
@@ -117,7 +123,7 @@ def with_recorder(model):
 def test_native_parity_step0_velocities_bit_equal(native, tiny_model, golden, name):
     """Core batches [uncond, cond] in one call; the model runs them cond first with the library's cache layout,
     so step 0's velocities are the library's bit for bit."""
-    from lance_model.generation import video_to_tokens
+    from lance_model.request import video_to_tokens
     if name not in golden.manifest["fixtures"]:
         pytest.fail(f"fixture {name} missing from the golden set")
     pipe, hp = tiny_model.pipe, golden.hyper(name)
@@ -154,7 +160,8 @@ def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
     """Core KSampler with euler + lance_flow: the same result as the library given KSampler's noise."""
     import comfy.sample
     import nodes as core_nodes
-    from lance_model.generation import video_to_tokens
+
+    from lance_model.request import video_to_tokens
     name = golden.tasks("t2i", *GEN_TASKS)[0]
     pipe, hp = tiny_model.pipe, golden.hyper(name)
     settings = settings_for(golden, name, decode=False)
@@ -174,6 +181,7 @@ def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
 
 def test_lance_flow_scheduler_is_exact(native, tiny_model, golden):
     import comfy.samplers
+
     from lance_model.sampler import flow_timesteps
     model = native.LanceModelNode.execute(tiny_model).args[0]
     for steps in (3, 28, 30):
@@ -217,9 +225,10 @@ def test_native_easycache_skips_model_calls(native, tiny_model, golden):
 
 def library_with_weight_edit(tiny_model, weight, delta, inputs, settings):
     """The library's t2i latents with `delta` added to `weight` in place (then restored): what a weight patch
-    should equal. The all-in-one path loads the unpatched patcher first; an edit in place happens behind any
-    patcher's back, so the stored prefixes are dropped before and after."""
-    tiny_model.acquire()
+    should equal. The unpatched patcher is loaded first (what every library call does through the session's
+    before_call hook); an edit in place happens behind any patcher's back, so the stored prefixes are dropped
+    before and after."""
+    tiny_model.pipe.session.before_call()
     original = weight.clone()
     with torch.no_grad():
         weight.add_(delta)
@@ -287,8 +296,13 @@ def test_native_progress_and_interrupt(native, tiny_model, golden):
 
 # ---------------------------------------------------------------- bad input
 def test_native_rejects_foreign_conditioning(native, tiny_model, golden):
-    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
-    from lance_nodes.library import InputError
+    from comfy_extras.nodes_custom_sampler import (
+        CFGGuider,
+        KSamplerSelect,
+        SamplerCustomAdvanced,
+    )
+
+    from lance_nodes.errors import InputError
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     pipe = tiny_model.pipe
     inputs = pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
@@ -303,7 +317,7 @@ def test_native_rejects_foreign_conditioning(native, tiny_model, golden):
 
 
 def test_native_noise_rejects_a_foreign_latent(native, tiny_model, golden):
-    from lance_nodes.library import InputError
+    from lance_nodes.errors import InputError
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     inputs = tiny_model.pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
     positive, _, _, _ = native.build_conditioning(tiny_model.pipe, inputs)
@@ -314,6 +328,7 @@ def test_native_noise_rejects_a_foreign_latent(native, tiny_model, golden):
 
 def test_native_nodes_registered_with_the_extension(comfy):
     import asyncio
+
     from lance_nodes import NATIVE_NODE_IDS, entry
     ids = [n.define_schema().node_id for n in asyncio.run(entry.LanceExtension().get_node_list())]
     assert ids[-len(NATIVE_NODE_IDS):] == list(NATIVE_NODE_IDS)
@@ -393,7 +408,7 @@ def test_native_conditioning_node_matches_the_library_request(native, tiny_model
 
 
 def test_native_model_node_needs_resident_memory(native, nodes, models_dir):
-    from lance_nodes.library import InputError
+    from lance_nodes.errors import InputError
     (offload,) = nodes.LanceLoader.execute("tiny_copy", "auto", "auto", "auto", "offload").args
     with pytest.raises(InputError, match="resident"):
         native.LanceModelNode.execute(offload)
@@ -403,13 +418,12 @@ def test_native_model_node_needs_resident_memory(native, nodes, models_dir):
 def test_native_ksampler_latent_decodes_with_core_vae_decode(native, nodes, tiny_model, golden, comfy):
     """Lance Conditioning -> KSampler(lance_flow) -> core VAEDecode (Wan2.2 VAE) gives Lance Decode's pixels."""
     import nodes as core_nodes
-    from test_nodes_run import _core_wan22_vae
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     positive, negative, latent, image_negative = native.LanceConditioning.execute(
         tiny_model, "t2i", hp["caption"], "", hp["video_width"], hp["video_height"], 1, "auto", 1).args
     (out,) = core_nodes.KSampler().sample(core_model(native, tiny_model, hp), 7, 3, 4.0, "euler", "lance_flow",
                                           positive, negative, latent)
-    (decoded,) = core_nodes.VAEDecode().decode(_core_wan22_vae(comfy), out)
+    (decoded,) = core_nodes.VAEDecode().decode(core_wan22_vae(comfy), out)
     (lance,) = nodes.LanceDecode.execute(tiny_model, out).args
     assert decoded.shape == lance.shape == (1, hp["video_height"], hp["video_width"], 3)
     err = (decoded.float() - lance).abs().max().item()
@@ -420,29 +434,30 @@ def test_native_ksampler_latent_decodes_with_core_vae_decode(native, nodes, tiny
 def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, golden):
     """With scheduled hook patches the weights may change between steps, so the prefix cache is not kept."""
     import comfy.patcher_extension  # noqa: F401
+
+    from lance_model.branches import Branch
     from lance_nodes.native_model import COND_KEY, CONDLance
-    from lance_model.velocity import BranchRequest
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     base = tiny_model.patcher.model
     inputs = tiny_model.pipe.prepare_text_to_image(hp["caption"], hp["video_width"], hp["video_height"])
     grid = inputs.target
     x = torch.zeros(1, 48, grid.frames, grid.height, grid.width)
     sigma = torch.tensor([1.0])
-    cond = {COND_KEY: [CONDLance(BranchRequest(inputs)).cond], "transformer_options": {"cond_or_uncond": [0]}}
+    cond = {COND_KEY: [CONDLance(Branch(inputs)).cond], "transformer_options": {"cond_or_uncond": [0]}}
 
     class Hooked:
         hook_patches = {"hook": {}}
 
         def is_dynamic(self):   # newer hosts ask the current patcher
             return False
-    velocity = base.diffusion_model.velocity
+    engine = base.diffusion_model.engine
 
     def caches(patcher):
         base.current_patcher = patcher
         seen = []
         for _ in range(2):
             base.apply_model(x, sigma, **cond)
-            seen.append(velocity._cache)
+            seen.append(engine.cache)
         return seen
     try:
         first, second = caches(None)
@@ -456,19 +471,20 @@ def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, g
 def test_native_prefix_cache_lives_for_one_run(native, tiny_model, golden):
     """Built during sampling (one prefill per branch), dropped when core's run ends (ModelPatcher.cleanup)."""
     import comfy.patcher_extension
-    velocity = tiny_model.patcher.model.diffusion_model.velocity
+    engine = tiny_model.patcher.model.diffusion_model.engine
+    tiny_model.pipe.prefixes.clear()   # nothing stored: every branch is prefilled
     seen = []
 
     def probe(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
-        seen.append((velocity._cache is not None, velocity.prefills))
+        seen.append((engine.cache is not None, engine.prefills))
         return out
     model = core_model(native, tiny_model, golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])).clone()
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_probe", probe)
     t2i_run(native, tiny_model, golden, model=model, steps=3)
     assert len(seen) == 3 and all(built for built, _ in seen)
     assert seen[-1][1] == 2, "one prefill per branch (cond, uncond) for the whole run"
-    assert velocity._cache is None
+    assert engine.cache is None
 
 
 # ---------------------------------------------------------------- the shipped native workflows, in process
@@ -497,8 +513,12 @@ def test_native_workflow_runs_with_core_vae_decode(native, nodes, tiny_model, co
     import json
 
     import nodes as core_nodes
-    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
-    from test_nodes_run import _core_wan22_vae, golden_image
+    from comfy_extras.nodes_custom_sampler import (
+        CFGGuider,
+        KSamplerSelect,
+        SamplerCustomAdvanced,
+    )
+
     from tests.fixtures.comfy_env import REPO_ROOT, TINY_NAME
     from tests.fixtures.tiny_workflows import OVERRIDES
     workflow = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -506,7 +526,7 @@ def test_native_workflow_runs_with_core_vae_decode(native, nodes, tiny_model, co
         node["inputs"].update({k: v for k, v in OVERRIDES.get(node["class_type"], {}).items() if k in node["inputs"]})
     assert {n["inputs"]["model_name"] for n in workflow.values() if n["class_type"] == "LanceLoader"} == {TINY_NAME}
     saved = []
-    vae = _core_wan22_vae(comfy)
+    vae = core_wan22_vae(comfy)
     lance = {cls.define_schema().node_id: cls for cls in [*nodes.NODES, *native.NATIVE_NODES]}
     classes = {node_id: (lambda cls: lambda **kw: cls.execute(**kw).args)(cls) for node_id, cls in lance.items()}
     classes.update({
@@ -589,7 +609,7 @@ def test_native_edit_guider_at_image_cfg_one_is_text_cfg(native, tiny_model, gol
 
 
 def test_native_edit_guider_refuses_image_cfg_without_media(native, tiny_model):
-    from lance_nodes.library import InputError
+    from lance_nodes.errors import InputError
     positive, negative, _, image_negative = native.LanceConditioning.execute(
         tiny_model, "t2i", "a cat", "", 64, 64, 1, "auto", 1).args
     model = native.LanceModelNode.execute(tiny_model).args[0]

@@ -3,9 +3,8 @@ An empty negative prompt is the official caption-dropped branch (parity unchange
 import pytest
 import torch
 
-from conftest import assert_close
 from lance_model import InputError
-from test_generation_parity import prepare, settings_for
+from tests.helpers import assert_close, prepare, settings_for
 
 NEGATIVE = "blurry, low quality"
 
@@ -47,7 +46,7 @@ def test_negative_prompt_is_the_uncond_branch(pipe, golden, name):
 
 
 def prepare_with(pipe, golden, name, settings, prompt=None, negative_prompt=""):
-    """The fixture's request (as test_generation_parity.prepare) with another prompt and/or a negative prompt."""
+    """The fixture's request (as tests/helpers.prepare) with another prompt and/or a negative prompt."""
     hp = dict(golden.hyper(name))
     inputs = prepare(pipe, golden, name, settings)
     caption = prompt or hp["caption"]

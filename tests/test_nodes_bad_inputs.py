@@ -1,23 +1,19 @@
 """Bad inputs give clear errors naming the input (in-process; tests/test_comfy_server.py repeats them through
 the real server). Errors surface as short `lance.InputError` / `lance.CheckpointError` types."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.node_fixtures import comfy, models_dir, nodes, tiny_model  # noqa: E402,F401
+from tests.helpers import sampling_widgets
 
 S = 128
-GEN = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
-           cfg_renorm_min=0.0, seed=1, batch_size=1)
+GEN = sampling_widgets(steps=2, seed=1)
 
 
 @pytest.fixture(scope="module")
 def errors(comfy):
-    from lance_nodes import library
-    return library
+    from lance_nodes import errors
+    return errors
 
 
 def _load(nodes, name):
@@ -91,7 +87,7 @@ def test_unsupported_sizes(nodes, tiny_model, errors):
 
 
 def test_bad_sampling_settings(nodes, tiny_model, errors):
-    with pytest.raises(errors.InputError, match="cfg_interval_start"):
+    with pytest.raises(errors.InputError, match="cfg_interval: the start 0.9 must not be greater than the end"):
         nodes.LanceT2I.execute(tiny_model, "a cat", S, S, **{**GEN, "cfg_interval_start": 0.9, "cfg_interval_end": 0.5})
     with pytest.raises(errors.InputError, match="prompt"):
         nodes.LanceT2I.execute(tiny_model, "   ", S, S, **GEN)

@@ -4,11 +4,8 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import REPO_ROOT  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, nodes  # noqa: E402,F401
+from tests.fixtures.comfy_env import REPO_ROOT
 
 LOAD_PACK = f"""
 import importlib.util, sys
@@ -43,7 +40,7 @@ def test_root_init_inside_comfyui(comfy):
     assert [n.define_schema().node_id for n in node_list] == list(NODE_IDS) + list(NATIVE_NODE_IDS)
     assert "lance" in comfy.folder_names_and_paths
     # inside the package the library is the pack's own copy
-    assert sys.modules["lance_pack_inside.lance_nodes.library"]._NAME == "lance_pack_inside.lance_model"
+    assert sys.modules["lance_pack_inside.lance_nodes.library"].lance_model is sys.modules["lance_pack_inside.lance_model"]
 
 
 def test_lance_nodes_package_needs_no_comfy():

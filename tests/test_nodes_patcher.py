@@ -11,15 +11,11 @@
 
 Dynamic VRAM itself needs a GPU with comfy-aimdo: not exercised here.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import GOLDEN_DIR  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, models_dir  # noqa: E402,F401
+from tests.fixtures.comfy_env import GOLDEN_DIR
 
 
 @pytest.fixture(scope="module")

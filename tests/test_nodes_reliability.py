@@ -5,20 +5,16 @@ import gc
 import logging
 import os
 import shutil
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import GOLDEN_DIR  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, models_dir, nodes, tiny_model  # noqa: E402,F401
+from tests.fixtures.comfy_env import GOLDEN_DIR
+from tests.helpers import sampling_widgets
 
 S = 64
-GEN = dict(steps=1, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
-           cfg_renorm_min=0.0, seed=1, batch_size=1)
+GEN = sampling_widgets(steps=1, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +25,8 @@ def runtime(comfy):
 
 @pytest.fixture(scope="module")
 def lib(comfy):
-    from lance_nodes import library
-    return library
+    from lance_nodes import errors
+    return errors
 
 
 def load(nodes, name, variant="auto", memory="resident"):

@@ -1,36 +1,20 @@
 """The nodes run in-process against the tiny checkpoint: output layouts, progress bar + latent previews,
 interrupt (model stays usable), text streaming, shared model cache, and the core Wan2.2 VAEDecode parity."""
-import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import GOLDEN_DIR, RELEASE_NAME, TINY_NAME  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, models_dir, nodes, tiny_model  # noqa: E402,F401
+from tests.fixtures.comfy_env import RELEASE_NAME, TINY_NAME
+from tests.helpers import core_wan22_vae, golden_image, golden_video, sampling_widgets
 
 S = 128  # tiny sizes
-GEN = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
-           cfg_renorm_min=0.0, seed=42, batch_size=1)
+GEN = sampling_widgets(steps=2, seed=42)
 
 
 def t2i(nodes, model, **kw):
     args = dict(prompt="a red cat", width=S, height=S, **GEN)
     args.update(kw)
     return nodes.LanceT2I.execute(model, **args)
-
-
-def golden_image():
-    import numpy as np
-    from PIL import Image
-    return torch.from_numpy(np.array(Image.open(GOLDEN_DIR / "inputs" / "image.png").convert("RGB"))).float()[None] / 255
-
-
-def golden_video():
-    import numpy as np
-    return torch.from_numpy(np.load(GOLDEN_DIR / "inputs" / "video.npz")["frames"]).float() / 255
 
 
 def test_loader_shares_one_model(nodes, tiny_model):
@@ -147,28 +131,10 @@ def test_lance_decode_matches_own_frames(nodes, tiny_model):
     assert (decoded - image).abs().max() < 1e-4
 
 
-def _core_wan22_vae(comfy):
-    """ComfyUI's own Wan2.2 VAE (comfy.sd.VAE) for the tiny checkpoint. 0.3.64 hard-codes the release widths
-    (dim 160 / dec_dim 256); the tiny VAE is narrower, so only those two numbers are taken from its weights."""
-    import comfy.ldm.wan.vae2_2 as wan22
-    import comfy.sd
-    import comfy.utils
-    sd = comfy.utils.load_torch_file(str(GOLDEN_DIR / "checkpoint" / "Wan2.2_VAE.pth"))
-    original = wan22.WanVAE
-    dims = {"dim": sd["encoder.conv1.weight"].shape[0], "dec_dim": sd["decoder.head.0.gamma"].shape[0]}
-    wan22.WanVAE = functools.wraps(original)(lambda **kw: original(**{**kw, **dims}))
-    try:
-        vae = comfy.sd.VAE(sd=sd)
-    finally:
-        wan22.WanVAE = original
-    assert vae.latent_channels == 48
-    return vae
-
-
 def test_latent_decodes_with_core_wan22_vae(nodes, tiny_model, comfy):
     """The LATENT of LanceT2I decodes through core VAEDecode (Wan2.2 VAE) to the pixels of Lance's own decode."""
     import nodes as core_nodes
-    vae = _core_wan22_vae(comfy)
+    vae = core_wan22_vae(comfy)
     latent, image, _ = t2i(nodes, tiny_model).args
     (decoded,) = core_nodes.VAEDecode().decode(vae, latent)
     assert decoded.shape == image.shape

@@ -1,13 +1,8 @@
 """Schema contract of every Lance node: ids, input names/order/types/optional, widget defaults and ranges, output
 types. UI workflows store widget values by position, so the widget order is frozen here: change it only by
 appending new inputs at the end (and then update this file consciously)."""
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.node_fixtures import comfy, nodes  # noqa: E402,F401
 
 GEN = [("steps", "INT"), ("shift", "FLOAT"), ("cfg_scale", "FLOAT"), ("cfg_interval_start", "FLOAT"),
        ("cfg_interval_end", "FLOAT"), ("cfg_renorm", "COMBO"), ("cfg_renorm_min", "FLOAT"), ("seed", "INT"),
@@ -15,6 +10,7 @@ GEN = [("steps", "INT"), ("shift", "FLOAT"), ("cfg_scale", "FLOAT"), ("cfg_inter
 CTX = ("context", "LANCE_CONTEXT", "optional")
 NEG = ("negative_prompt", "STRING", "optional")  # appended after the first release
 IMAGE_CFG = ("image_cfg_scale", "FLOAT", "optional")  # appended after negative_prompt (edits only)
+STRIDE = ("seed_stride", "INT", "optional")  # appended last (several machines: docs/distributed.md)
 
 # node id -> inputs [(name, type[, "optional"])] in order, output types in order
 CONTRACT = {
@@ -23,19 +19,21 @@ CONTRACT = {
          ("memory_mode", "COMBO")],
         ["LANCE_MODEL"]),
     "LanceT2I": (
-        [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), *GEN, CTX, NEG],
+        [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), *GEN, CTX, NEG, STRIDE],
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceT2V": (
         [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), ("num_frames", "INT"),
-         ("resolution", "COMBO"), ("fps", "FLOAT"), *GEN, ("start_image", "IMAGE", "optional"), CTX, NEG],
+         ("resolution", "COMBO"), ("fps", "FLOAT"), *GEN, ("start_image", "IMAGE", "optional"), CTX, NEG,
+         STRIDE],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceEdit": (
         [("model", "LANCE_MODEL"), ("image", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"), *GEN, CTX, NEG,
-         IMAGE_CFG],
+         IMAGE_CFG, STRIDE],
         ["LATENT", "IMAGE", "LANCE_CONTEXT"]),
     "LanceVideoEdit": (
         [("model", "LANCE_MODEL"), ("video", "IMAGE"), ("instruction", "STRING"), ("resolution", "COMBO"),
-         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional"), NEG, IMAGE_CFG],
+         ("fps", "FLOAT"), *GEN, CTX, ("source_fps", "FLOAT", "optional"), NEG, IMAGE_CFG,
+         STRIDE],
         ["LATENT", "IMAGE", "VIDEO", "LANCE_CONTEXT"]),
     "LanceUnderstand": (
         [("model", "LANCE_MODEL"), ("question", "STRING"), ("instruction", "STRING"), ("resolution", "COMBO"),

@@ -3,14 +3,10 @@
 task is present with a preview image, the UI files store core widgets as each checked ComfyUI version expects,
 and they carry real-use defaults and the model name a user installs (models/lance/Lance-3B)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.comfy_env import INPUT_IMAGE, INPUT_VIDEO, RELEASE_NAME, REPO_ROOT  # noqa: E402
-from tests.fixtures.node_fixtures import comfy, nodes  # noqa: E402,F401
+from tests.fixtures.comfy_env import INPUT_IMAGE, INPUT_VIDEO, RELEASE_NAME, REPO_ROOT
 
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "video_edit", "multi_turn_edit", "understand_image", "understand_video",
          "understand_edit", "native_t2i", "native_i2v", "native_image_edit"]

@@ -14,7 +14,7 @@ def fresh_store(pipe):
     pipe.prefixes.hits = 0
     yield pipe.prefixes
     pipe.prefixes.clear()
-    pipe.weights_version = lambda: None
+    pipe.session.weights_version = lambda: None
 
 
 def edit(pipe, image, instruction=INSTRUCTION, seed=7, **options):
@@ -63,7 +63,7 @@ def test_another_request_or_weights_version_misses(pipe, image, fresh_store):
     other = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     edit(pipe, other, instruction="turn it into winter")
     assert fresh_store.hits == 0
-    pipe.weights_version = lambda: "patched"
+    pipe.session.weights_version = lambda: "patched"
     edit(pipe, other, instruction="turn it into winter")
     assert fresh_store.hits == 0
 
@@ -75,7 +75,7 @@ def test_weights_changed_in_place_with_a_new_version_are_seen(pipe, image, fresh
     try:
         with torch.no_grad():
             weight.mul_(1.5)
-        pipe.weights_version = lambda: "scaled"
+        pipe.session.weights_version = lambda: "scaled"
         stored = edit(pipe, image)
         fresh = without_store(pipe, lambda: edit(pipe, image))
         assert fresh_store.hits == 0 and torch.equal(stored, fresh)

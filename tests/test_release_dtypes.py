@@ -42,8 +42,8 @@ def test_converted_files_hold_bf16(bf16_release):
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_bf16_release_loads_in_either_dtype(bf16_release, pipe, dtype, torch_dtype):
     loaded = load_lance(bf16_release, dtype=dtype, device="cpu", attention="sdpa")
-    params = dict(loaded.named_parameters())
-    reference = dict(pipe.named_parameters())    # the F32 files, loaded in fp32
+    params = dict(loaded.session.named_parameters())
+    reference = dict(pipe.session.named_parameters())    # the F32 files, loaded in fp32
     assert params.keys() == reference.keys()
     for name, param in params.items():
         assert param.dtype == torch_dtype, (name, param.dtype)

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures.node_fixtures import comfy, models_dir, nodes, tiny_model  # noqa: E402,F401
-from tests.fixtures.robustness_cases import BROKEN, _copy_checkpoint, all_cases  # noqa: E402
+from tests.fixtures.robustness_cases import BROKEN, _copy_checkpoint, all_cases
 
 CASES = all_cases()
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"

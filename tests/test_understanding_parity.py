@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_close
+from tests.helpers import assert_close
 
 X2T_TASKS = ["x2t_image", "x2t_video"]
 

@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2VLImageProcessor
 
-from conftest import assert_close
 from lance_model import media
 from lance_model.errors import CheckpointError, InputError
+from lance_model.templates import vit_visual
 from lance_model.vit import LanceViT, load_vit, load_vit_config, patchify
+from tests.helpers import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def test_vit_embeds_parity(golden, vit, task):
     pixels = _fixture_pixels(golden, task)
     embeds = vit.embed(pixels)
     _, grid = vit.patchify(pixels)
-    assert embeds.shape[0] == vit.tokens_for(grid) == golden.tensors(task)["packed/vit_video_grid_thw"].prod() // 4
+    merged = vit.merge_size ** 2
+    assert embeds.shape[0] == vit_visual(grid, vit.merge_size).tokens == golden.tensors(task)["packed/vit_video_grid_thw"].prod() // merged
     assert_close(embeds, golden.tensors(task)["vit/embeds"], golden.tolerance("vit/embeds"), f"{task} vit/embeds")
 
 
@@ -71,7 +73,9 @@ def test_patchify_matches_hf_video_processor():
     # distinct frames check the temporal layout, which the image processor cannot
     pytest.importorskip("torchvision", reason="transformers' Qwen2VLVideoProcessor needs torchvision (not a "
                         "dependency of this pack): the temporal patch layout is not compared with it here")
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+        Qwen2VLVideoProcessor,
+    )
 
     torch.manual_seed(1)
     frames = torch.rand(4, 3, 28, 56)
@@ -82,14 +86,16 @@ def test_patchify_matches_hf_video_processor():
     assert torch.equal(rows, reference["pixel_values_videos"])
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 28, 28), (3, 4, 56, 84), (3, 6, 112, 28)])
-def test_row_count_is_grid_over_four(vit, shape):
-    pixels = torch.randn(shape)
+@pytest.mark.parametrize("blocks", [(1, 1, 1), (2, 2, 3), (3, 4, 1)])
+def test_row_count_is_grid_over_the_merge(vit, blocks):
+    """(temporal patches, merged rows, merged columns) -> one row per patch, one embedding per merge block."""
+    p, tp, m = vit.patch_size, vit.temporal_patch_size, vit.merge_size
+    pixels = torch.randn(3, blocks[0] * tp, blocks[1] * p * m, blocks[2] * p * m)
     rows, grid = vit.patchify(pixels)
-    assert rows.shape == (grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14)
+    assert rows.shape == (grid[0] * grid[1] * grid[2], 3 * tp * p * p)
     embeds = vit.embed(pixels)
-    assert embeds.shape == (grid[0] * grid[1] * grid[2] // 4, vit.out_hidden_size)
-    assert vit.tokens_for(grid) == embeds.shape[0]
+    assert embeds.shape == (grid[0] * grid[1] * grid[2] // m ** 2, vit.out_hidden_size)
+    assert vit_visual(grid, m).tokens == embeds.shape[0]
 
 
 def test_config_forces_sdpa(vit_dir, tmp_path, vit):
@@ -98,7 +104,8 @@ def test_config_forces_sdpa(vit_dir, tmp_path, vit):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_vit_config(tmp_path / "config.json")._attn_implementation == "sdpa"
     assert vit.module.config._attn_implementation == "sdpa"
-    assert (vit.patch_size, vit.temporal_patch_size, vit.merge_size, vit.spatial_multiple) == (14, 2, 2, 28)
+    assert (vit.patch_size, vit.temporal_patch_size, vit.merge_size) == \
+        (config["patch_size"], config["temporal_patch_size"], config["spatial_merge_size"])
     assert vit.module.rotary_pos_emb.inv_freq.dtype == torch.float32
 
 

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 
-def _request(server: str, path: str, data: dict | None = None, timeout: float = 30):
+def api_request(server: str, path: str, data: dict | None = None, timeout: float = 30):
     body = json.dumps(data).encode() if data is not None else None
     req = urllib.request.Request(server.rstrip("/") + path, data=body,
                                  headers={"Content-Type": "application/json"} if body else {})
@@ -79,7 +79,7 @@ def start_server(comfyui: str, python: str, extra: list[str], startup_timeout: f
         if proc.poll() is not None:
             raise SystemExit(f"ComfyUI exited during startup (status {proc.returncode}); see {log.name}")
         try:
-            _request(server, "/system_stats", timeout=2)
+            api_request(server, "/system_stats", timeout=2)
             return proc, server
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.5)
@@ -98,7 +98,7 @@ def stop_server(proc) -> None:
 def run(server: str, workflow: dict, out_dir: Path, timeout: float) -> int:
     client_id = uuid.uuid4().hex
     try:
-        queued = _request(server, "/prompt", {"prompt": workflow, "client_id": client_id})
+        queued = api_request(server, "/prompt", {"prompt": workflow, "client_id": client_id})
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
         print(f"[run] the server rejected the workflow (HTTP {exc.code}):")
@@ -115,7 +115,7 @@ def run(server: str, workflow: dict, out_dir: Path, timeout: float) -> int:
     print(f"[run] queued prompt {prompt_id}")
     deadline, entry = time.time() + timeout, None
     while time.time() < deadline:
-        history = _request(server, f"/history/{prompt_id}")
+        history = api_request(server, f"/history/{prompt_id}")
         entry = history.get(prompt_id) if isinstance(history, dict) else None
         if entry and entry.get("status", {}).get("completed") is not None and \
                 (entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
@@ -124,7 +124,7 @@ def run(server: str, workflow: dict, out_dir: Path, timeout: float) -> int:
     else:
         print(f"[run] timeout after {timeout} s: interrupting")
         try:
-            _request(server, "/interrupt", {})
+            api_request(server, "/interrupt", {})
         except Exception:  # noqa: BLE001
             pass
         return 1
@@ -144,7 +144,7 @@ def run(server: str, workflow: dict, out_dir: Path, timeout: float) -> int:
                     query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
                                                     "type": item.get("type", "output")})
                     target = out_dir / item["filename"]
-                    target.write_bytes(_request(server, f"/view?{query}", timeout=300))
+                    target.write_bytes(api_request(server, f"/view?{query}", timeout=300))
                     print(f"[run] saved {target}")
                     saved += 1
                 elif key == "text" and isinstance(item, str):
