@@ -6,7 +6,7 @@
 
 Besides the task API, a host with its own sampler (lance_nodes' native path) uses the modules imported first.
 """
-from . import branches, checkpoint, generation, guidance, request, sampler, velocity  # noqa: F401  (for hosts)
+from . import branches, checkpoint, generation, guidance, media, request, sampler, settings, velocity  # noqa: F401
 from .context import LanceContext, Turn
 from .errors import Cancelled, CheckpointError, InputError, LanceError, OutOfMemory
 from .generation import GenerationResult

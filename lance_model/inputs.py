@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".npz"}
 
 
-def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
+def as_frames(media, what: str, fps: float | None = None, min_frames: int = 1) -> np.ndarray:
     """Image/video input -> uint8 [T, H, W, 3]. Accepts a ComfyUI IMAGE tensor [T, H, W, 3] in 0..1, a PIL image,
     a uint8 array, or a file path. Videos read from files (or given an `fps`) are sampled with the reference
-    rule (about 12 fps over at most 6 s, a 4k+1 count)."""
+    rule (about 12 fps over at most 6 s, a 4k+1 count, at least `min_frames` where the clip has them)."""
     if media is None:
         raise InputError(f"{what} is missing")
     if fps is not None:
@@ -28,10 +28,10 @@ def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
         path = Path(media).expanduser()
         if path.suffix.lower() in VIDEO_SUFFIXES:
             frames, file_fps = load_video(path)
-            return frames[sample_frame_indices(len(frames), file_fps)]
-        return np.asarray(load_image(path))[None]
+            return frames[sample_frame_indices(len(frames), file_fps, min_count=min_frames)]
+        return np.asarray(load_image(path, what))[None]
     if isinstance(media, Image.Image):
-        return np.asarray(load_image(media))[None]
+        return np.asarray(load_image(media, what))[None]
     if isinstance(media, torch.Tensor):
         frames = frames_from_tensor(media, what)
     elif isinstance(media, np.ndarray):
@@ -42,7 +42,7 @@ def as_frames(media, what: str, fps: float | None = None) -> np.ndarray:
         raise InputError(f"{what} must be an image tensor [T, H, W, 3], a PIL image, a uint8 array or a file path; "
                          f"got {type(media).__name__}")
     if fps is not None and len(frames) > 1:
-        frames = frames[sample_frame_indices(len(frames), fps)]
+        frames = frames[sample_frame_indices(len(frames), fps, min_count=min_frames)]
     return frames
 
 

@@ -23,6 +23,7 @@ from .ops import TorchOps, norm_layer
 from .positions import MultimodalRotary, apply_rotary, timestep_sinusoid
 
 GEN = "_moe_gen"
+PREFILL_CHUNK_TOKENS = 2048   # causal prefill blocks are cut into chunks of this many tokens at most
 
 
 @dataclass(frozen=True)
@@ -277,15 +278,20 @@ def prefill_splits(llm: LanceLLM, embeds: torch.Tensor, positions: torch.Tensor,
     """Fill one cache row split by split: causal text sees the cache and earlier tokens, visual blocks are
     bidirectional. `embeds` [L, H] / `positions` [3, L] hold exactly these splits, in order (a CFG branch may skip
     some); `gen_mask` is indexed by each split's own start/end. Consecutive causal splits run as one causal block
-    (the same attention, one pass over the weights instead of one per split). Returns the last block's hidden
-    states."""
+    (one pass over the weights instead of one per split), cut into chunks of at most PREFILL_CHUNK_TOKENS (the
+    same attention: a chunk sees the cache and itself causally; a long prompt then needs a small mask and is
+    cancellable between chunks). Returns the last block's hidden states."""
     offset, hidden = 0, None
     for group in _attention_runs(splits):
-        length = sum(split.length for split in group)
-        part = slice(offset, offset + length)
+        causal = group[0].mode == "causal"
         experts = torch.cat([gen_mask[split.start:split.end] for split in group])
-        hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0), segments_from_mask(experts),
-                     cache=cache, start=offset, causal=group[0].mode == "causal", rows=slice(row, row + 1))
+        length = len(experts)
+        step = PREFILL_CHUNK_TOKENS if causal else length
+        for first in range(0, length, step):
+            part = slice(offset + first, offset + min(first + step, length))
+            hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0),
+                         segments_from_mask(experts[first:first + step]), cache=cache, start=part.start, causal=causal,
+                         rows=slice(row, row + 1))
         offset += length
     return hidden
 

@@ -35,6 +35,10 @@ SAMPLE_FPS = 12
 MAX_SECONDS = 6.0
 TEMPORAL_FACTOR = 4
 FALLBACK_FPS = 24
+# the largest frame accepted as input (every preset resizes to at most 1024 px per side; a larger source only
+# costs memory: a 20000 x 20000 picture is 1.2 GB of RGB bytes and 9.6 GB as a float tensor)
+MAX_FRAME_SIDE = 8192
+MAX_FRAME_PIXELS = MAX_FRAME_SIDE * MAX_FRAME_SIDE
 
 Frames = Union[np.ndarray, Image.Image, Sequence[Image.Image]]
 
@@ -113,17 +117,31 @@ def _center_crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tenso
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
+def check_frame_size(height: int, width: int, what: str) -> None:
+    """Refuse a frame larger than MAX_FRAME_PIXELS before anything is decoded or converted."""
+    if height * width > MAX_FRAME_PIXELS:
+        raise InputError(f"{what} is {width}x{height} pixels; the largest accepted frame is {MAX_FRAME_PIXELS:,} "
+                         f"pixels (e.g. {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}): downscale it first (Lance works at "
+                         f"1024 px per side at most)")
+
+
+def load_image(source: str | Path | Image.Image, what: str = "image") -> Image.Image:
     """Open an image as RGB; palette and RGBA images are composited over white (as the reference does)."""
     if isinstance(source, Image.Image):
         image = source
+        check_frame_size(image.height, image.width, what)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise InputError(f"image file not found: {path}")
         try:
-            image = Image.open(path)
+            image = Image.open(path)   # reads the header only
+            check_frame_size(image.height, image.width, f"{what} {path}")
             image.load()
+        except Image.DecompressionBombError as exc:   # PIL's own limit, hit while reading the header
+            raise InputError(f"{what} {path} is too large to open ({exc}); the largest accepted frame is "
+                             f"{MAX_FRAME_PIXELS:,} pixels (e.g. {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}): downscale it "
+                             f"first") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"cannot read {path} as an image: {exc}") from exc
     if image.mode == "P":
@@ -179,16 +197,18 @@ def load_video(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def sample_frame_indices(n_frames: int, fps: float, max_seconds: float = MAX_SECONDS,
-                         sample_fps: int = SAMPLE_FPS) -> list[int]:
+                         sample_fps: int = SAMPLE_FPS, min_count: int = 1) -> list[int]:
     """Reference frame sampler: about `sample_fps` over at most `max_seconds`, a 4k+1 count, spread over the whole
-    clip (long clips are subsampled, not truncated)."""
+    clip (long clips are subsampled, not truncated). At least `min_count` frames where the clip has them (a clip
+    shorter than 1/12 s gives the reference no frame; an edit needs a whole video)."""
     if n_frames <= 0:
         raise InputError(f"video has no frames (n_frames={n_frames})")
     if not (fps > 0 and math.isfinite(fps)):
         raise InputError(f"video fps must be a positive finite number, got {fps}")
     wanted = int(round(min(n_frames / fps, max_seconds) * sample_fps))
     count = (wanted - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1  # largest 4k+1 <= wanted
-    count = max(count, 1)  # the reference would fail on clips shorter than ~1/12 s; keep one frame instead
+    available = (n_frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1
+    count = max(count, min(min_count, available), 1)
     return np.linspace(0, n_frames - 1, count).astype(np.int64).tolist()
 
 
@@ -205,6 +225,7 @@ def frames_from_tensor(images: torch.Tensor, what: str = "image") -> np.ndarray:
         raise InputError(f"{what} is empty (shape {tuple(images.shape)})")
     if images.is_complex() or images.dtype == torch.bool:
         raise InputError(f"{what} must be a real-valued tensor in 0..1, got dtype {images.dtype}")
+    check_frame_size(images.shape[1], images.shape[2], what)
     values = images.detach().to("cpu", torch.float64)
     if not torch.isfinite(values).all():
         raise InputError(f"{what} contains NaN or infinite values; expected finite values in 0..1")

@@ -165,7 +165,9 @@ def source_frames(session: LanceSession, media, video: bool, fps: float | None,
     kind = "video" if video else "image"
     if media is None and context is not None:
         media = context.last_media(kind)
-    frames = as_frames(media, kind, fps)
+    # a video keeps at least one temporal-compression unit of frames when sampled (edits need a whole video)
+    min_frames = session.config.constants.vae_temporal_factor + 1 if video else 1
+    frames = as_frames(media, kind, fps, min_frames)
     if not video and len(frames) != 1:
         raise InputError(f"image has {len(frames)} frames; use the video edit for clips (or pass one frame)")
     if video and len(frames) < 2:

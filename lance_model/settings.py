@@ -81,8 +81,12 @@ class GenerationSettings:
         return SamplerOptions(self.steps, self.shift, guidance, self.batched_cfg, state)
 
     def seeds(self) -> list[int]:
-        """Per-sample seeds seed + i * seed_stride, wrapping modulo 2^64."""
-        return [(self.seed + i * self.seed_stride) % (SEED_MAX + 1) for i in range(self.batch_size)]
+        return sample_seeds(self.seed, range(self.batch_size), self.seed_stride)
+
+
+def sample_seeds(seed: int, indices, stride: int = 1) -> list[int]:
+    """Sample i's seed: seed + i * stride, wrapping modulo 2^64 (what a torch generator takes)."""
+    return [(seed + int(i) * stride) % (SEED_MAX + 1) for i in indices]
 
 
 def check_context(context) -> None:

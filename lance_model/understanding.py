@@ -18,7 +18,7 @@ from .tokenizer import LanceTokenizer
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """temperature 0 = greedy (the reference default)."""
+    """temperature 0 = greedy (the reference default); top_p 0 keeps only the most likely token."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -28,7 +28,7 @@ class SamplingOptions:
 
     def validate(self) -> None:
         require_float(self.temperature, "temperature", minimum=0.0, maximum=100.0)
-        require_float(self.top_p, "top_p", above=0.0, maximum=1.0)
+        require_float(self.top_p, "top_p", 0.0, 1.0)
         require_int(self.top_k, "top_k", minimum=0)
         require_float(self.repetition_penalty, "repetition_penalty", above=0.0, maximum=100.0)
         if self.seed is not None:

@@ -64,11 +64,6 @@ def require_seed(value, name: str = "seed") -> int:
     return require_int(value, name, 0, SEED_MAX)
 
 
-def batch_seeds(seed: int, count: int) -> list[int]:
-    """Per-sample seeds seed, seed+1, ... wrapping modulo 2^64 (so seed 2^64-1 with a batch of 2 gives 2^64-1, 0)."""
-    return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
-
-
 def require_finite_tensor(value, name: str) -> torch.Tensor:
     """A real floating-point tensor without NaN/Inf."""
     if not isinstance(value, torch.Tensor):

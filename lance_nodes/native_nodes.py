@@ -195,7 +195,8 @@ def _guidance_rule_inputs() -> list:
     return [
         io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance applies for start < t <= end."),
-        io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("cfg_interval_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Upper end of the guidance interval; not below the start."),
         io.Combo.Input("cfg_renorm", options=CFG_RENORM, default="global"),
         io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.01),
     ]

@@ -48,7 +48,8 @@ class LanceNoise:
             raise input_error(f"latent_image: shape {tuple(samples.shape)} does not match the Lance conditioning's "
                               f"target {expected}; use the LATENT output of the same Lance Conditioning node")
         indices = input_latent.get("batch_index") or list(range(samples.shape[0]))
-        noise = lance_model.generation.initial_noise(inputs, [self.seed + int(i) for i in indices], samples.shape[1])
+        seeds = lance_model.settings.sample_seeds(self.seed, indices)
+        noise = lance_model.generation.initial_noise(inputs, seeds, samples.shape[1])
         return lance_model.request.tokens_to_video(noise, grid)
 
 

@@ -6,7 +6,7 @@ tests/test_nodes_schema.py freezes it. Append new inputs at the end only.
 """
 from __future__ import annotations
 
-from . import compat, runtime
+from . import compat, errors, runtime
 from .compat import io, ui
 from .errors import input_error, node_errors
 from .library import lance_model
@@ -79,7 +79,8 @@ def _sampling_inputs(steps: int = 30):
                        tooltip="Guidance is applied while the timestep t is in (start, end]; t runs from 1 (pure "
                                "noise) to 0 (the finished sample)."),
         io.Float.Input("cfg_interval_end", display_name="CFG interval end", default=1.0, min=0.0, max=1.0,
-                       step=0.01, tooltip="Upper end of the guidance interval (see CFG interval start)."),
+                       step=0.01, tooltip="Upper end of the guidance interval (see CFG interval start); not below "
+                                          "the start."),
         io.Combo.Input("cfg_renorm", display_name="CFG renorm", options=CFG_RENORM, default="global",
                        tooltip="Scales the guided velocity down so its norm does not exceed the unguided one: over "
                                "the whole sample (global), per token (channel), or not at all (none)."),
@@ -166,6 +167,16 @@ class LanceLoader(io.ComfyNode):
             ],
             outputs=[LanceModelType.Output(display_name="model")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name, variant="auto", **_):
+        """At queue time, on every host: a missing model folder is refused before anything runs (a remote worker
+        without it would otherwise fail only when its turn comes, after the master reported success)."""
+        try:
+            lance_model.checkpoint.resolve_release(runtime.resolve_model_path(model_name), variant)
+        except (errors.CheckpointError, lance_model.CheckpointError) as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, model_name, variant="auto", **_):
@@ -356,7 +367,7 @@ class LanceUnderstand(io.ComfyNode):
                                tooltip="Sampling temperature; 0 = greedy decoding (always the most likely token)."),
                 io.Float.Input("top_p", display_name="Top-p", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Nucleus sampling: keep the most likely tokens whose probabilities add up to "
-                                       "this (used when temperature > 0)."),
+                                       "this (used when temperature > 0); 0 keeps only the most likely token."),
                 io.Int.Input("seed", display_name="Seed", default=0, min=0, max=SEED_MAX, step=1,
                              control_after_generate=True, tooltip="Sampling seed (used when temperature > 0)."),
                 io.Image.Input("image", display_name="Image", optional=True,

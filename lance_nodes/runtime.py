@@ -198,6 +198,7 @@ def check_image(image, what: str = "image") -> torch.Tensor:
             f"{what}: got an IMAGE batch of {image.shape[0]} images, but this input takes one image. "
             f"Pick one (e.g. core 'ImageFromBatch'), or use a video input (Lance Video Edit / Understand 'video') "
             f"if the batch is a video's frames.")
+    lance_model.media.check_frame_size(image.shape[1], image.shape[2], what)
     _check_finite_tensor(image, what, "IMAGE")
     return image[..., :3]
 
@@ -212,14 +213,18 @@ def check_video(frames, what: str = "video", min_frames: int = 2) -> torch.Tenso
             f"{what}: got {frames.shape[0]} frame(s), but a video is needed (at least {min_frames} frames, "
             f"typically 4k+1 such as 5, 17, 33 or 61). Load a video (core 'Load Video' -> 'Get Video Components'), "
             f"or use the image input / Lance Edit for a single image.")
+    lance_model.media.check_frame_size(frames.shape[1], frames.shape[2], what)
     _check_finite_tensor(frames, what, "video")
     return frames[..., :3]
 
 
 def check_latent(latent, what: str = "samples") -> torch.Tensor:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(latent, dict):
+        raise input_error(f"{what}: expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    samples = latent.get("samples")
     if not isinstance(samples, torch.Tensor):
-        raise input_error(f"{what}: expected a LATENT dict with 'samples', got {type(latent).__name__}")
+        raise input_error(f"{what}: the LATENT's 'samples' must be a tensor [B, {LATENT_CHANNELS}, t, h, w], got "
+                          f"{type(samples).__name__}")
     if samples.ndim == 4:
         samples = samples.unsqueeze(2)
     if samples.ndim != 5 or samples.shape[1] != LATENT_CHANNELS:

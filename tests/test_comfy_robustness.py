@@ -167,11 +167,14 @@ def test_two_loaders_then_a_core_prompt_never_wedge_the_worker(server, other):
 
 
 def test_failed_load_keeps_the_cached_model(server):
-    """Defect 2: a broken folder next to the cached model does not evict it (no second load)."""
+    """Defect 2: a broken folder next to the cached model does not evict it (no second load). The broken folder is
+    refused when the prompt is validated (LanceLoader.validate_inputs: HTTP 400 naming what is missing)."""
+    import urllib.error
     assert succeeded(server.run(t2i_graph("warm", seed=200)))
     loads = server.loads()
-    entry = server.run(t2i_graph("broken", name="empty_folder"))
-    assert not succeeded(entry) and error_of(entry)["exception_type"] == "lance.CheckpointError"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.run(t2i_graph("broken", name="empty_folder"))
+    assert refused.value.code == 400 and "no Lance_3B or Lance_3B_Video/ folder" in refused.value.read().decode()
     assert succeeded(server.run(t2i_graph("good_again", seed=201)))
     assert server.loads() == loads
 

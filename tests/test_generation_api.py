@@ -181,3 +181,59 @@ def test_cli_runs_t2v_and_picks_video_weights_when_present(golden, tmp_path):
                  "--height", "64", "--frames", "5", "--steps", "1", "--out", str(out)]) == 0
     assert (tmp_path / "clip.mp4").stat().st_size > 0
     assert main(["--model", str(tmp_path / "missing"), "t2i", "--prompt", "x"]) == 2
+
+
+def test_seed_stride_spaces_the_batch_seeds(pipe):
+    """Sample i of a batch uses seed + i * seed_stride (several machines: docs/distributed.md), wrapping at 2^64."""
+    batch = pipe.text_to_image("a red cat", seed=5, batch_size=2, seed_stride=3, decode=False, **SMALL).latents
+    for i, seed in enumerate((5, 8)):
+        single = pipe.text_to_image("a red cat", seed=seed, decode=False, **SMALL).latents
+        assert torch.allclose(batch[i], single[0], atol=1e-5), f"sample {i} is not seed {seed}"
+    from lance_model import GenerationSettings
+    assert GenerationSettings(seed=2**64 - 2, batch_size=3, seed_stride=2).seeds() == [2**64 - 2, 0, 2]
+    with pytest.raises(InputError, match="seed_stride must be an integer in 1"):
+        pipe.text_to_image("a red cat", seed_stride=0, **SMALL)
+
+
+def test_history_text_cannot_become_a_control_token(pipe):
+    """An earlier answer holding a reserved token (model text, e.g. a grounding marker) goes into the next prompt
+    with the token removed, so it cannot act as a control token; the user's own text with one is refused."""
+    from lance_model import Turn
+    from lance_model.prepare import history
+
+    token = next(t for t in pipe.tokenizer.reserved_tokens() if t.startswith("<|object_ref"))
+    context = LanceContext(pipe.model_id).append(Turn("x2t_image", "where is the cat?", f"on the {token}mat"))
+    lines = history(pipe.session, context, include=True)
+    assert [line.text for line in lines] == ["where is the cat?\n", "on the mat\n"]
+    result = pipe.text_to_image("a red cat", context=context, include_history=True, decode=False, **SMALL)
+    assert result.context.turns[-1].request == "a red cat"
+    with pytest.raises(InputError, match="prompt contains the reserved token"):
+        pipe.text_to_image(f"a {token} cat", **SMALL)
+
+
+def test_long_prompt_prefill_is_cancellable_between_chunks(pipe, monkeypatch):
+    """A long causal prompt is prefilled in chunks (llm.PREFILL_CHUNK_TOKENS), each through every layer, so a
+    cancel is honoured within one layer of one chunk, not after the whole prompt: count the polls of a prefill."""
+    from lance_model import llm
+    monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 16)
+    prompt = "a red cat sits on a blue chair near the window " * 8
+    tokens = len(pipe.prepare_text_to_image(prompt, 64, 64).seq)
+    pipe.prefixes.clear()
+    polls = PollCounter()
+    pipe.text_to_image(prompt, steps=1, cfg_scale=1.0, decode=False, width=64, height=64, cancel=polls)
+    layers = pipe.config.num_layers
+    assert polls.count >= (tokens // 16) * layers, f"{polls.count} polls for a {tokens}-token prompt"
+    pipe.prefixes.clear()
+    with pytest.raises(Cancelled, match="LLM layer"):
+        pipe.text_to_image(prompt, steps=1, decode=False, width=64, height=64, cancel=PollCounter(stop_after=3))
+
+
+class PollCounter:
+    """A cancel callable that counts its polls and asks to stop after `stop_after` of them."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.count, self.stop_after = 0, stop_after
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.stop_after is not None and self.count > self.stop_after

@@ -160,3 +160,18 @@ def test_auto_cfg_batching_matches_both_modes(pipe, golden, monkeypatch):
     monkeypatch.setattr(branches, "BATCHED_CFG_MAX_TOKENS", 1)
     forced_sequential = pipe.generate("t2i", "x", inputs, settings).latents
     assert_close(auto, forced_sequential, 1e-5, "auto (batched) vs auto over the limit (sequential)")
+
+
+def test_chunked_prefill_matches_the_fixtures(pipe, golden, monkeypatch):
+    """Long prompts are prefilled in chunks (each sees the cache and itself causally): the same attention, so
+    with tiny chunks every generation fixture still matches the official latents."""
+    from lance_model import llm
+    monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 7)
+    pipe.prefixes.clear()
+    for name in golden.tasks(*GEN_TASKS):
+        settings = settings_for(golden, name, decode=False)
+        latents = pipe.generate(name, "x", prepare(pipe, golden, name, settings), settings).latents
+        fx = golden.tensors(name)
+        key = "out/latent.1" if "out/latent.1" in fx else "out/latent.0"
+        assert_close(latents[0].permute(1, 2, 3, 0), fx[key], golden.tolerance(key), f"{name} chunked prefill")
+    pipe.prefixes.clear()

@@ -7,14 +7,7 @@ latents with the official ones (manifest tolerances) and with the library sample
 import pytest
 import torch
 
-from tests.helpers import (
-    GEN_TASKS,
-    assert_close,
-    core_wan22_vae,
-    golden_image,
-    prepare,
-    settings_for,
-)
+from tests.helpers import GEN_TASKS, assert_close, core_wan22_vae, golden_image, prepare, sampling_widgets, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -361,8 +354,7 @@ def test_native_parity_negative_prompt_through_the_conditioning_node(native, tin
 
 def test_all_in_one_nodes_take_a_negative_prompt(nodes, tiny_model, golden):
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
-    gen = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
-               cfg_renorm_min=0.0, seed=42, batch_size=1)
+    gen = sampling_widgets(steps=2, seed=42)
     size = (hp["video_width"], hp["video_height"])
     run = lambda **kw: nodes.LanceT2I.execute(tiny_model, hp["caption"], *size, **gen, **kw).args[0]["samples"]
     plain = run()
@@ -625,8 +617,7 @@ def test_all_in_one_prefix_reuse_survives_a_lora_run(native, nodes, tiny_model, 
     patches core has applied: a LoRA run on the shared weights in between changes nothing for them."""
     import comfy.sd
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
-    gen = dict(steps=2, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm="global",
-               cfg_renorm_min=0.0, seed=42, batch_size=1)
+    gen = sampling_widgets(steps=2, seed=42)
     run = lambda: nodes.LanceT2I.execute(tiny_model, hp["caption"], hp["video_width"], hp["video_height"],
                                          **gen).args[0]["samples"]
     first = run()
@@ -642,3 +633,45 @@ def test_all_in_one_prefix_reuse_survives_a_lora_run(native, nodes, tiny_model, 
     again = run()
     assert tiny_model.pipe.prefixes.hits == hits + 2, "the unpatched request should reuse its prefixes"
     assert torch.equal(again, first)
+
+
+def test_native_repeated_prompt_reuses_its_prefixes_until_a_lora_changes_the_weights(native, tiny_model, golden):
+    """The native path and the all-in-one nodes share the session's prefix store: the same prompt sampled again
+    through core prefills nothing (same latents); a LoRA on the shared weights is another weights version, so its
+    run prefills again; the plain prompt after it still reuses its own prefixes."""
+    import comfy.patcher_extension
+    import comfy.sd
+    engine = tiny_model.patcher.model.diffusion_model.engine
+    hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
+    tiny_model.pipe.prefixes.clear()
+
+    def run(patcher=None):
+        """(latents, prefixes prefilled during the run)"""
+        counts = []
+
+        def probe(executor, *args, **kwargs):
+            out = executor(*args, **kwargs)
+            counts.append(engine.prefills)
+            return out
+        model = (core_model(native, tiny_model, hp) if patcher is None else core_model_from(native, patcher, hp)).clone()
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_probe", probe)
+        latents, _, _ = t2i_run(native, tiny_model, golden, model=model, steps=2)
+        return latents, counts[-1]
+
+    first, prefilled = run()
+    assert prefilled == 2, "a new prompt prefills cond and uncond"
+    again, prefilled = run()
+    assert prefilled == 0, "the repeated prompt restores both prefixes from the store"
+    assert torch.equal(again, first)
+    module = "llm.language_model.model.layers.0.self_attn.k_proj"
+    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
+    generator = torch.Generator().manual_seed(3)
+    name = "lora_unet_" + module.replace(".", "_")
+    lora = {f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
+            f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator)}
+    patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 1.0, 0.0)
+    with_lora, prefilled = run(patched_patcher)
+    assert prefilled == 2, "with a LoRA applied the prefixes are computed again"
+    assert (with_lora - first).abs().max() > 1e-4
+    plain, prefilled = run()
+    assert prefilled == 0 and torch.equal(plain, first)

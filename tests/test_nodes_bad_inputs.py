@@ -39,7 +39,7 @@ def test_loader_bad_memory_mode(nodes, models_dir, errors):
 def test_latent_wrong_channels(nodes, tiny_model, errors):
     with pytest.raises(errors.InputError, match="4 channels.*48 channels"):
         nodes.LanceDecode.execute(tiny_model, {"samples": torch.zeros(1, 4, 8, 8)})
-    with pytest.raises(errors.InputError, match="LATENT dict"):
+    with pytest.raises(errors.InputError, match=r"expected a LATENT \(a dict with .samples.\)"):
         nodes.LanceDecode.execute(tiny_model, torch.zeros(1, 48, 1, 8, 8))
 
 

@@ -316,7 +316,7 @@ UNDERSTAND_CASES = [
     ("sampling", SamplingOptions(temperature=NAN), r"temperature must be a finite number, got nan"),
     ("sampling", SamplingOptions(temperature=-1.0), r"temperature must be in \[0.0"),
     ("sampling", SamplingOptions(temperature=1.0, top_p=NAN), r"top_p must be a finite number"),
-    ("sampling", SamplingOptions(temperature=1.0, top_p=0.0), r"top_p must be > 0.0"),
+    ("sampling", SamplingOptions(temperature=1.0, top_p=1.5), r"top_p must be in \[0.0, 1.0\]"),
     ("sampling", SamplingOptions(top_k=-1), r"top_k must be an integer >= 0"),
     ("sampling", SamplingOptions(top_k=1.5), r"top_k must be an integer"),
     ("sampling", SamplingOptions(repetition_penalty=INF), r"repetition_penalty must be a finite number"),
@@ -618,3 +618,13 @@ def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
     monkeypatch.setattr(pipe.session, "make_room", make_room)
     assert pipe.text_to_image("a red cat", **SMALL).frames is not None
     assert len(asked) == 1 and asked[0][0] > 1024 and asked[0][1] == "cpu"
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    """top_p 0 (the Understand node's widget minimum) is accepted: sampling then always picks the argmax."""
+    from lance_model.understanding import SamplingOptions, choose_token
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    options = SamplingOptions(temperature=1.5, top_p=0.0, seed=0)
+    options.validate()
+    generator = torch.Generator().manual_seed(0)
+    assert {choose_token(logits, [], 4, options, generator) for _ in range(20)} == {1}

@@ -2,15 +2,9 @@
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, x2t_request
 
 X2T_TASKS = ["x2t_image", "x2t_video"]
-
-
-def request(golden, name):
-    extra = golden.fixture(name)["non_tensor_packed_fields"]
-    instruction = extra["caption"].split("\n")[0]  # the fixture caption is "instruction\nquestion\nanswer"
-    return instruction, extra["question"]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +12,7 @@ def answers(pipe, golden):
     out = {}
     for name in golden.tasks(*X2T_TASKS):
         hp = golden.hyper(name)
-        instruction, question = request(golden, name)
+        instruction, question = x2t_request(golden, name)
         out[name] = pipe.understand(golden.input_media(name), question, instruction=instruction,
                                     resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
     return out
@@ -29,7 +23,7 @@ def test_parity_x2t_packed_prompt(pipe, golden, name):
     from lance_model.understanding import understanding_sequence
 
     fx = golden.tensors(name)
-    instruction, question = request(golden, name)
+    instruction, question = x2t_request(golden, name)
     grid = tuple(fx["packed/vit_video_grid_thw"][0].tolist())
     seq = understanding_sequence(pipe.tokenizer, pipe.config, instruction, question, grid)
     n = len(seq)  # the fixture also packs the training answer after the prompt
@@ -57,7 +51,7 @@ def test_x2t_text_is_decoded_ids(pipe, answers):
 
 def test_streaming_callback_sees_growing_text(pipe, golden):
     seen = []
-    instruction, question = request(golden, "x2t_image")
+    instruction, question = x2t_request(golden, "x2t_image")
     result = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                              resolution="image_256res", max_new_tokens=4, on_token=seen.append)
     assert len(seen) == len(result.token_ids)
@@ -67,7 +61,7 @@ def test_streaming_callback_sees_growing_text(pipe, golden):
 def test_cancel_stops_decoding_and_model_stays_usable(pipe, golden):
     from lance_model import Cancelled
 
-    instruction, question = request(golden, "x2t_image")
+    instruction, question = x2t_request(golden, "x2t_image")
     calls = []
     with pytest.raises(Cancelled):
         pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
@@ -86,7 +80,7 @@ def test_sampling_is_seeded(pipe):
 
 
 def test_stop_tokens(pipe, golden):
-    instruction, question = request(golden, "x2t_image")
+    instruction, question = x2t_request(golden, "x2t_image")
     ids = golden.tensors("x2t_image")["out/generated_ids"].tolist()
     stop = pipe.tokenizer.hf.convert_ids_to_tokens(ids[1])
     out = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
@@ -107,3 +101,17 @@ def test_static_decode_step_leaves_the_prompt_cache_intact(pipe, golden):
     step = StaticDecodeStep(pipe.llm, cache, use_graph=False)
     step._step()  # what a warm-up runs
     assert all(bool((keys[:, :, :-1] == 1.0).all()) for keys in cache.keys)
+
+
+def test_chunked_prompt_prefill_gives_the_official_answers(pipe, golden, monkeypatch):
+    """A prompt prefilled in small chunks (llm.PREFILL_CHUNK_TOKENS) gives the official ids and logits."""
+    from lance_model import llm
+    monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 5)
+    for name in golden.tasks(*X2T_TASKS):
+        hp, fx = golden.hyper(name), golden.tensors(name)
+        instruction, question = x2t_request(golden, name)
+        result = pipe.understand(golden.input_media(name), question, instruction=instruction,
+                                 resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
+        assert result.token_ids == fx["out/generated_ids"].tolist()
+        assert_close(result.logits, fx["out/logits_all_steps"], golden.tolerance("out/logits_all_steps"),
+                     f"{name} chunked prefill logits")
