@@ -6,7 +6,6 @@ normalized (model space) and un-normalized (`comfy_latent()`, the layout ComfyUI
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable
 
@@ -19,17 +18,9 @@ from .loader import load_session
 from .request import GenerationInputs
 from .sampler import StepInfo
 from .session import LanceSession, task
-from .settings import GenerationSettings, check_context
+from .settings import GenerationSettings
 from .text_generation import UnderstandingResult
-from .understanding import SamplingOptions, understanding_sequence
-from .validation import require_bool, require_callable, require_choice
-
-log = logging.getLogger(__name__)
-ENHANCE_INSTRUCTION = (
-    "You write prompts for a text-to-{kind} model. Rewrite the user's short prompt into one detailed paragraph: "
-    "the main subject, its appearance, colors, materials, the setting and background, lighting, composition{motion}. "
-    "Keep every detail the user gave and invent nothing that contradicts it. Answer with the rewritten prompt only."
-)
+from .understanding import SamplingOptions
 
 
 class LancePipeline:
@@ -144,31 +135,19 @@ class LancePipeline:
                    include_history: bool = False, stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
         """Answer `question` about an image/video (or the context's last media). Decoding stops at <|im_end|>
         or any of `stop_tokens` (token strings of the vocabulary, e.g. "<|endoftext|>")."""
-        check_context(context)
-        if context is not None:
-            context.check_model(self.model_id)
-        require_bool(include_history, "include_history")
-        require_callable(cancel, "cancel")
-        require_callable(on_token, "on_token")
         request = prepare.question(self.session, media, question, instruction=instruction, resolution=resolution,
                                    fps=fps, context=context, include_history=include_history, cancel=cancel)
-        return text_generation.answer(self.session, request, prepare.optional_text(question, "question"), context,
-                                      max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token,
-                                      cancel=cancel, stop_tokens=stop_tokens)
+        return text_generation.answer(self.session, request, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      on_token=on_token, cancel=cancel, stop_tokens=stop_tokens)
 
     @task
     def enhance_prompt(self, prompt: str, *, target: str = "image", max_new_tokens: int = 256,
                        sampling: SamplingOptions | None = None, cancel: Callable[[], bool] | None = None) -> str:
         """Rewrite a short prompt into a detailed one with Lance's own understanding expert (no external service)."""
-        require_choice(target, "target", ("image", "video"))
-        require_callable(cancel, "cancel")
-        prompt = prepare.require_text(prompt, "prompt")
-        motion = ", and the motion of subjects and camera over time" if target == "video" else ""
-        seq = understanding_sequence(self.tokenizer, self.config, ENHANCE_INSTRUCTION.format(kind=target, motion=motion),
-                                     prompt, None)
+        seq = prepare.enhancement(self.session, prompt, target, cancel)
         text = text_generation.generate_text(self.session, seq, [], max_new_tokens=max_new_tokens, sampling=sampling,
                                              cancel=cancel)[0]
-        return text or prompt
+        return text or prompt.strip()
 
 
 def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",

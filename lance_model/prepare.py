@@ -17,13 +17,18 @@ from .media import preset_sides, vae_pixels, vit_pixels
 from .packing import PackedSequence, pack
 from .request import GenerationInputs, LatentGrid, video_to_tokens
 from .session import LanceSession
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_context
 from .templates import IMAGE_QUESTION_SYSTEM, T2I_SYSTEM, T2V_SYSTEM, VIDEO_QUESTION_SYSTEM, Text, Visual, \
     edit_system, vit_visual
 from .understanding import understanding_sequence
-from .validation import require_bool
+from .validation import require_bool, require_callable, require_choice
 
 log = logging.getLogger(__name__)
+ENHANCE_INSTRUCTION = (
+    "You write prompts for a text-to-{kind} model. Rewrite the user's short prompt into one detailed paragraph: "
+    "the main subject, its appearance, colors, materials, the setting and background, lighting, composition{motion}. "
+    "Keep every detail the user gave and invent nothing that contradicts it. Answer with the rewritten prompt only."
+)
 
 
 # -- generation requests ------------------------------------------------------------------------------------
@@ -109,11 +114,14 @@ def negative_sequence(negative_prompt, sequence: Callable[[str], PackedSequence]
 # -- understanding requests ---------------------------------------------------------------------------------
 @dataclass
 class TextRequest:
-    """An understanding prompt: the packed sequence, its ViT embeddings and the media it is about."""
+    """An understanding prompt: the packed sequence, its ViT embeddings, the media it is about, the question and
+    the conversation it continues."""
 
     seq: PackedSequence
     vit_embeds: list[torch.Tensor]
     frames: np.ndarray | None
+    question: str
+    context: LanceContext | None
 
     @property
     def is_video(self) -> bool:
@@ -124,6 +132,11 @@ def question(session: LanceSession, media, question_text: str, *, instruction: s
              fps: float | None, context: LanceContext | None, include_history: bool,
              cancel: Callable[[], bool] | None) -> TextRequest:
     """A question about an image/video (or the context's last media)."""
+    check_context(context)
+    if context is not None:
+        context.check_model(session.model_id)
+    require_bool(include_history, "include_history")
+    require_callable(cancel, "cancel")
     question_text = optional_text(question_text, "question")
     if media is None and context is not None:
         media = context.last_media()
@@ -140,7 +153,17 @@ def question(session: LanceSession, media, question_text: str, *, instruction: s
     instruction = instruction or (VIDEO_QUESTION_SYSTEM if is_video else IMAGE_QUESTION_SYSTEM)
     seq = understanding_sequence(session.tokenizer, session.config, require_text(instruction, "instruction"),
                                  question_text, vit_grid, history(session, context, include_history))
-    return TextRequest(seq, embeds, frames)
+    return TextRequest(seq, embeds, frames, question_text, context)
+
+
+def enhancement(session: LanceSession, prompt: str, target: str, cancel) -> PackedSequence:
+    """The prompt-enhancement request: Lance's understanding expert asked to rewrite a short prompt."""
+    require_choice(target, "target", ("image", "video"))
+    require_callable(cancel, "cancel")
+    prompt = require_text(prompt, "prompt")
+    motion = ", and the motion of subjects and camera over time" if target == "video" else ""
+    return understanding_sequence(session.tokenizer, session.config,
+                                  ENHANCE_INSTRUCTION.format(kind=target, motion=motion), prompt, None)
 
 
 # -- shared pieces ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from .packing import PackedSequence
 from .prepare import TextRequest
 from .session import LanceSession
 from .understanding import SamplingOptions, decode, prompt_embeddings
-from .validation import require_int
+from .validation import require_callable, require_int
 
 MAX_NEW_TOKENS = 16384   # the KV cache is preallocated for prompt + max_new_tokens
 
@@ -27,15 +27,15 @@ class UnderstandingResult:
     context: LanceContext
 
 
-def answer(session: LanceSession, request: TextRequest, question: str, context: LanceContext | None, *,
-           max_new_tokens: int, sampling: SamplingOptions | None, on_token: Callable[[str], None] | None,
-           cancel: Callable[[], bool] | None, stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
-    """Decode the answer to a prepared question and append the turn to the context."""
+def answer(session: LanceSession, request: TextRequest, *, max_new_tokens: int, sampling: SamplingOptions | None,
+           on_token: Callable[[str], None] | None, cancel: Callable[[], bool] | None,
+           stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
+    """Decode the answer to a prepared question and append the turn to its conversation."""
     text, ids, logits = generate_text(session, request.seq, request.vit_embeds, max_new_tokens=max_new_tokens,
                                       sampling=sampling, on_token=on_token, cancel=cancel, stop_tokens=stop_tokens)
     media = unit_frames(request.frames) if request.frames is not None else None
-    turn = Turn("x2t_video" if request.is_video else "x2t_image", question, text, media)
-    return UnderstandingResult(text, ids, logits, (context or LanceContext(session.model_id)).append(turn))
+    turn = Turn("x2t_video" if request.is_video else "x2t_image", request.question, text, media)
+    return UnderstandingResult(text, ids, logits, (request.context or LanceContext(session.model_id)).append(turn))
 
 
 def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[torch.Tensor], *, max_new_tokens: int,
@@ -44,6 +44,7 @@ def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[t
                   stop_tokens: tuple[str, ...] = ()) -> tuple[str, list[int], torch.Tensor]:
     """(text without stop tokens, generated ids, logits per step). Decoding stops at <|im_end|> or any of
     `stop_tokens` (token strings of the vocabulary); `on_token` gets the text so far after every token."""
+    require_callable(on_token, "on_token")
     check_request(session, seq, max_new_tokens, sampling, stop_tokens)
     tokenizer = session.tokenizer
     stop_ids = {tokenizer.special.im_end} | {tokenizer.token_id(token, "stop_tokens") for token in stop_tokens}

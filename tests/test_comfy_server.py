@@ -110,7 +110,7 @@ def server_run(host):
 
 def _ui_texts(stdout: str, name: str) -> list[str]:
     """`ui #<id> <Node> text: ...` lines printed by run_workflows.py for one workflow."""
-    section = stdout.split(f"=== workflow ")
+    section = stdout.split("=== workflow ")
     for part in section:
         if part.split("\n", 1)[0].endswith(f"/{name}.json"):
             return re.findall(r"ui #\S+ \S+ text: (.*)", part)

@@ -612,22 +612,29 @@ def test_native_edit_guider_refuses_image_cfg_without_media(native, tiny_model):
                                            "global", 0.0)
 
 
+def k_proj_lora(tiny_model, seed: int):
+    """A clone of the loaded model's patcher with a random rank-2 LoRA (lora_unet_ keys) on layer 0's k_proj,
+    loaded through core's LoRA loader."""
+    import comfy.sd
+    module = "llm.language_model.model.layers.0.self_attn.k_proj"
+    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
+    generator = torch.Generator().manual_seed(seed)
+    name = "lora_unet_" + module.replace(".", "_")
+    lora = {f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
+            f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator)}
+    patched, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 1.0, 0.0)
+    return patched
+
+
 def test_all_in_one_prefix_reuse_survives_a_lora_run(native, nodes, tiny_model, golden):
     """The all-in-one nodes keep the last request's prefixes (lance_model/prefix_store.py), keyed on the weight
     patches core has applied: a LoRA run on the shared weights in between changes nothing for them."""
-    import comfy.sd
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     gen = sampling_widgets(steps=2, seed=42)
     run = lambda: nodes.LanceT2I.execute(tiny_model, hp["caption"], hp["video_width"], hp["video_height"],
                                          **gen).args[0]["samples"]
     first = run()
-    module = "llm.language_model.model.layers.0.self_attn.k_proj"
-    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
-    generator = torch.Generator().manual_seed(2)
-    name = "lora_unet_" + module.replace(".", "_")
-    lora = {f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
-            f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator)}
-    patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 1.0, 0.0)
+    patched_patcher = k_proj_lora(tiny_model, seed=2)
     t2i_run(native, tiny_model, golden, model=core_model_from(native, patched_patcher, hp), steps=2)
     hits = tiny_model.pipe.prefixes.hits
     again = run()
@@ -663,13 +670,7 @@ def test_native_repeated_prompt_reuses_its_prefixes_until_a_lora_changes_the_wei
     again, prefilled = run()
     assert prefilled == 0, "the repeated prompt restores both prefixes from the store"
     assert torch.equal(again, first)
-    module = "llm.language_model.model.layers.0.self_attn.k_proj"
-    weight = tiny_model.patcher.model.state_dict()[f"diffusion_model.{module}.weight"]
-    generator = torch.Generator().manual_seed(3)
-    name = "lora_unet_" + module.replace(".", "_")
-    lora = {f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
-            f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator)}
-    patched_patcher, _ = comfy.sd.load_lora_for_models(tiny_model.patcher, None, lora, 1.0, 0.0)
+    patched_patcher = k_proj_lora(tiny_model, seed=3)
     with_lora, prefilled = run(patched_patcher)
     assert prefilled == 2, "with a LoRA applied the prefixes are computed again"
     assert (with_lora - first).abs().max() > 1e-4
