@@ -8,7 +8,7 @@ Besides the task API, a host with its own sampler (lance_nodes' native path) use
 """
 from . import branches, checkpoint, generation, guidance, media, request, sampler, settings, velocity  # noqa: F401
 from .context import LanceContext, Turn
-from .errors import Cancelled, CheckpointError, InputError, LanceError, OutOfMemory
+from .errors import Cancelled, CheckpointError, DecodeOutOfMemory, InputError, LanceError, OutOfMemory
 from .generation import GenerationResult
 from .pipeline import LancePipeline, load_lance
 from .settings import GenerationSettings
@@ -16,6 +16,6 @@ from .text_generation import UnderstandingResult
 from .understanding import SamplingOptions
 
 __all__ = [
-    "Cancelled", "CheckpointError", "GenerationResult", "GenerationSettings", "InputError", "LanceContext",
+    "Cancelled", "CheckpointError", "DecodeOutOfMemory", "GenerationResult", "GenerationSettings", "InputError", "LanceContext",
     "LanceError", "LancePipeline", "OutOfMemory", "SamplingOptions", "Turn", "UnderstandingResult", "load_lance",
 ]

@@ -20,3 +20,12 @@ class Cancelled(LanceError):
 class OutOfMemory(LanceError, MemoryError):
     """A request needs more memory than the device has (estimated up front, or a real out-of-memory error).
     What the call allocated is freed first; the model stays usable."""
+
+
+class DecodeOutOfMemory(OutOfMemory):
+    """Sampling finished but decoding the latents ran out of memory, even tiled after freeing what sampling
+    held. The sampled work is not lost: `result` holds the latents (frames None) for a later or tiled decode."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result

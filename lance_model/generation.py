@@ -1,6 +1,7 @@
 """One whole generation run: noise, the up-front memory estimate, sampling, decoding and the result."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -8,13 +9,15 @@ import torch
 
 from .branches import BranchEngine
 from .context import LanceContext, Turn
-from .errors import InputError
+from .errors import DecodeOutOfMemory, InputError, OutOfMemory
 from .memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
 from .request import GenerationInputs, LatentGrid, tokens_to_video
 from .sampler import FlowSampler, SamplerOptions, StepInfo
 from .session import LanceSession
 from .settings import MAX_BATCH, GenerationSettings
 from .validation import require_callable, require_finite_tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,10 +45,11 @@ def run(session: LanceSession, task: str, request: str, inputs: GenerationInputs
     session.check(estimate(session, inputs, options, noise.shape[0], settings.decode))
     tokens = sample(session, inputs, options, noise, step_hook(inputs.target, settings, observer), settings.cancel)
     latents = tokens_to_video(tokens.cpu(), inputs.target)
-    frames = decode(session, latents, settings.cancel) if settings.decode else None
-    context = (settings.context or LanceContext(session.model_id)).append(
-        Turn(task, request, media=frames[0] if frames is not None else None))
-    return GenerationResult(latents, session.vae.denormalize(latents).cpu(), frames, context)
+    sampled = GenerationResult(latents, session.vae.denormalize(latents).cpu(), None,
+                               settings.context or LanceContext(session.model_id))
+    frames = decode_sampled(session, sampled, settings.cancel) if settings.decode else None
+    context = sampled.context.append(Turn(task, request, media=frames[0] if frames is not None else None))
+    return GenerationResult(sampled.latents, sampled.raw_latents, frames, context)
 
 
 def initial_noise(inputs: GenerationInputs, seeds: list[int], channels: int) -> torch.Tensor:
@@ -116,6 +120,31 @@ def step_hook(grid: LatentGrid, settings: GenerationSettings, observer):
 
 
 # -- decoding -----------------------------------------------------------------------------------------------
+def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> torch.Tensor:
+    """Decode the latents a run sampled. Out of memory does not lose them: what sampling left on the device is
+    freed and the decode is retried with the VAE tiled; if that fails too, DecodeOutOfMemory carries `sampled`."""
+    try:
+        return decode(session, sampled.latents, cancel)
+    except (torch.OutOfMemoryError, OutOfMemory) as exc:
+        first = _first_line(exc)
+    session.free_after_sampling()
+    log.warning("VAE decode ran out of memory (%s): retrying tiled after freeing the sampling's memory", first)
+    try:
+        with session.vae.tiled():
+            return decode(session, sampled.latents, cancel)
+    except (torch.OutOfMemoryError, OutOfMemory) as exc:
+        second = _first_line(exc)
+    session.free_after_sampling()
+    raise DecodeOutOfMemory(f"sampling finished, but decoding its latents ran out of memory on {session.device}, "
+                            f"untiled ({first}) and tiled ({second}); the latents are kept (this error's `result`, "
+                            f"the node's saved LATENT): decode them later, tiled, or on a larger device", sampled)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32); `cancel` is polled
     before every latent frame."""

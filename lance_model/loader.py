@@ -17,11 +17,15 @@ from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .llm import LanceLLM, MoTDecoderLayer
 from .ops import TorchOps
+from .fp8 import EXPERTS
+from .memory import readable
 from .session import MEMORY_MODES, LanceSession
 from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 from .tokenizer import LanceTokenizer
 from .vae import load_vae
+from .validation import require_bool, require_int
 from .vit import check_vit_files, load_vit
+from .vram_plan import RESERVE_IMAGE_SIDE, VramPlan, WeightBytes, apply_plan, choose_plan, device_budget, working_reserve
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +85,18 @@ def load_llm(paths: ReleasePaths, dtype: torch.dtype, device: torch.device, ops=
 def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", attention: str = "auto", operations=None,
                  memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
-                 weights_device: str | torch.device | None = None) -> LanceSession:
+                 weights_device: str | torch.device | None = None, vram_budget: int | None = None,
+                 fp8: tuple[str, ...] = (), fp8_generation: bool = False) -> LanceSession:
     """See pipeline.load_lance."""
     if not isinstance(root, (str, Path)):
         raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
                          f"{type(root).__name__}")
-    if memory not in MEMORY_MODES:
-        raise InputError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    if vit_weights not in ("vit", "lance"):
-        raise InputError(f"vit_weights must be 'vit' or 'lance', got {vit_weights!r}")
+    check_memory_options(memory, vit_weights, vram_budget, fp8, fp8_generation)
     execution_device = resolve_device(device, "device")
     dtype = resolve_dtype(dtype, execution_device)
-    if memory == "offload":
-        load_device = torch.device("cpu")
+    planned = memory in ("stream", "auto") or bool(fp8)
+    if memory == "offload" or planned:
+        load_device = torch.device("cpu")   # a plan places the weights itself, after the load
     else:
         load_device = resolve_device(weights_device, "weights_device") if weights_device is not None else execution_device
     paths = resolve_release(root, variant)
@@ -115,7 +118,47 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit, checked=vit_files)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
+    plan = streamer = None
+    if planned:
+        plan = pick_plan(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8), fp8_generation)
+        streamer = apply_plan(llm, plan, execution_device)
+        for module in (vit.module, vae.module):
+            module.to("cpu" if plan.stages else execution_device)
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
-    return LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state)
+    return LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer)
+
+
+def check_memory_options(memory, vit_weights, vram_budget, fp8, fp8_generation) -> None:
+    if memory not in MEMORY_MODES:
+        raise InputError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if vit_weights not in ("vit", "lance"):
+        raise InputError(f"vit_weights must be 'vit' or 'lance', got {vit_weights!r}")
+    if vram_budget is not None:
+        require_int(vram_budget, "vram_budget", 1)
+    if not isinstance(fp8, (tuple, list)) or any(expert not in EXPERTS for expert in fp8):
+        raise InputError(f"fp8 must be a tuple of experts among {EXPERTS} (stored in fp8), got {fp8!r}")
+    if fp8 and memory == "offload":
+        raise InputError("fp8 weights need memory 'resident', 'stream' or 'auto' (offload moves whole stages)")
+    require_bool(fp8_generation, "fp8_generation")
+
+
+def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None, fp8: tuple[str, ...],
+              fp8_generation: bool) -> VramPlan:
+    """stream: every expert streamed; auto: the fastest plan that fits the budget (default: the device's free
+    memory; on the CPU, with no budget, everything stays resident); resident with fp8: only the fp8 storage."""
+    if memory == "stream":
+        return VramPlan(fp8=fp8, stream=EXPERTS, stages=True)
+    budget = budget if budget is not None else device_budget(device)
+    if memory == "resident" or budget is None:
+        return VramPlan(fp8=fp8)
+    sizes = WeightBytes.of(llm, vit.module, vae.module)
+    working = working_reserve(llm.config, int(vae.module.config.decoder_base_dim), llm.dtype)
+    chosen = choose_plan(budget, sizes, working, fp8_generation)
+    plan = VramPlan(fp8=tuple(e for e in EXPERTS if e in chosen.fp8 or e in fp8), stream=chosen.stream,
+                    stages=chosen.stages)
+    log.info("Lance VRAM plan for %s: %s (%s of weights on the device, %s kept for the work of a %d px image)",
+             readable(budget), plan.describe(), readable(sizes.device_bytes(plan)), readable(working),
+             RESERVE_IMAGE_SIDE)
+    return plan

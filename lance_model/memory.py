@@ -27,8 +27,9 @@ MEMINFO = Path("/proc/meminfo")
 DECODER_BYTES_PER_PIXEL_PER_WIDTH = 12   # x decoder_base_dim x dtype bytes, per output pixel of one frame
 ENCODER_BYTES_PER_PIXEL_PER_WIDTH = 6    # x base_dim x dtype bytes, per input pixel of one frame
 TILE_SIDE = 256                          # enable_tiling's default tile (vae.py)
-HINT = ("load the model with memory='offload' (weights stay in CPU memory between stages), turn on vae_tiling, "
-        "or ask for a smaller width/height, fewer frames, a smaller batch_size or fewer max_new_tokens")
+HINT = ("load the model with memory='auto' (a VRAM plan: fp8 and streamed weights) or memory='offload' (weights "
+        "stay in CPU memory between stages), turn on vae_tiling, or ask for a smaller width/height, fewer frames, a "
+        "smaller batch_size or fewer max_new_tokens")
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -64,9 +65,10 @@ class Estimate:
         return stage, sum(self.stages[stage].values())
 
     def check(self, device: torch.device, available: int | None = None,
-              make_room: Callable[[int, torch.device], None] | None = None) -> None:
+              make_room: Callable[[int, torch.device], None] | None = None, plan: str = "") -> None:
         """Raise OutOfMemory when the largest stage cannot fit into the device's available memory. `make_room`
-        (a host's hook, e.g. one that unloads its other models) is asked for the bytes first when they are short."""
+        (a host's hook, e.g. one that unloads its other models) is asked for the bytes first when they are short;
+        `plan` (where the weights are) is named in the error."""
         stage, need = self.peak()
         available = available_bytes(device) if available is None else available
         if available is not None and need > available and make_room is not None:
@@ -75,7 +77,8 @@ class Estimate:
         if available is None or need <= available:
             return
         parts = ", ".join(f"{name} {readable(nbytes)}" for name, nbytes in self.stages[stage].items() if nbytes)
-        raise OutOfMemory(f"not enough memory on {device} for this request: its {stage} stage needs at least "
+        tried = f" with {plan}" if plan else ""
+        raise OutOfMemory(f"not enough memory on {device} for this request{tried}: its {stage} stage needs at least "
                           f"{readable(need)} ({parts}) but only {readable(available)} are available; {HINT}")
 
 

@@ -45,6 +45,7 @@ class LancePipeline:
     llm = property(lambda self: self.session.llm)
     vit = property(lambda self: self.session.vit)
     vae = property(lambda self: self.session.vae)
+    plan = property(lambda self: self.session.plan)   # the VRAM plan, when one places the weights
     prefixes = property(lambda self: self.session.prefixes)
     encodings = property(lambda self: self.session.encodings)
 
@@ -153,14 +154,21 @@ class LancePipeline:
 def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
                memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
-               weights_device: str | torch.device | None = None) -> LancePipeline:
-    """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU. memory "offload" keeps the weights
-    in CPU memory and moves each stage (ViT, LLM, VAE) to the device only while it runs. weights_device (resident
-    only): where the weights are built when that is not `device`, for a host that moves or streams them itself
-    (ComfyUI's model patcher); activations and the KV cache always live on `device`. vit_weights: "vit"
-    (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the vit_model.* tensors of model.safetensors).
-    vae_tiling: spatially tiled VAE encode/decode (less memory, pixels differ slightly from untiled; off as in
-    the reference - untiled 480p x 121 frames already fits 12 GB)."""
+               weights_device: str | torch.device | None = None, vram_budget: int | None = None,
+               fp8: tuple[str, ...] = (), fp8_generation: bool = False) -> LancePipeline:
+    """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU.
+
+    memory: "resident" (every weight on the device), "offload" (weights in CPU memory; each stage - ViT, LLM,
+    VAE - visits the device only while it runs), "stream" (the LLM's layers stream from pinned CPU memory a few
+    layers ahead; ViT and VAE visit as stages) or "auto" (a VRAM plan: the fastest placement that fits
+    `vram_budget` bytes, default the device's free memory; see vram_plan.py and `pipe.plan`). fp8: experts
+    ("und", "gen") stored in fp8 in any of resident/stream/auto; fp8_generation lets auto choose fp8 for the
+    generation expert too. weights_device (resident only): where the weights are built when that is not
+    `device`, for a host that moves or streams them itself (ComfyUI's model patcher); activations and the KV
+    cache always live on `device`. vit_weights: "vit" (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the
+    vit_model.* tensors of model.safetensors). vae_tiling: spatially tiled VAE encode/decode (less memory,
+    pixels differ slightly from untiled; off as in the reference)."""
     return LancePipeline(load_session(root, variant=variant, dtype=dtype, device=device, attention=attention,
                                       operations=operations, memory=memory, vit_weights=vit_weights,
-                                      vae_tiling=vae_tiling, weights_device=weights_device))
+                                      vae_tiling=vae_tiling, weights_device=weights_device, vram_budget=vram_budget,
+                                      fp8=fp8, fp8_generation=fp8_generation))

@@ -2,9 +2,10 @@
 
 The session holds the modules (LLM, ViT, VAE), the tokenizer, device/dtype/memory mode, the host's hooks, the
 stores kept across runs and the release's file snapshot. It runs one call at a time (`task`: the call lock, and
-a torch out-of-memory error turned into `OutOfMemory` after what the call held is freed), moves a stage's
-weights to the device while the stage runs (offload mode), polls `cancel` inside long stages, and checks memory
-estimates before work starts.
+a torch out-of-memory error turned into `OutOfMemory` after what the call held is freed), moves a staged module's
+weights to the device while its stage runs (offload mode; the ViT and VAE under a VRAM plan that stages them),
+streams the LLM layers a plan streams, polls `cancel` inside long stages, and checks memory estimates before work
+starts.
 """
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ from .interrupt import cancel_hooks
 from .llm import LanceLLM
 from .memory import HINT, Estimate, module_bytes
 from .prefix_store import PrefixStore
+from .streaming import LayerStreamer
 from .tokenizer import LanceTokenizer
 from .vae import LanceVAE
 from .vit import LanceViT
+from .vram_plan import VramPlan
 
-MEMORY_MODES = ("resident", "offload")
+# resident: every weight on the device; offload: each stage (ViT, LLM, VAE) visits the device only while it runs;
+# stream: the LLM's layers stream from host memory, ViT and VAE visit as stages; auto: a VRAM plan (vram_plan.py)
+MEMORY_MODES = ("resident", "offload", "stream", "auto")
 
 
 class LanceSession(nn.Module):
     def __init__(self, paths: ReleasePaths, llm: LanceLLM, tokenizer: LanceTokenizer, vit: LanceViT, vae: LanceVAE,
-                 memory: str, execution_device: torch.device, file_state: dict):
+                 memory: str, execution_device: torch.device, file_state: dict, plan: VramPlan | None = None,
+                 streamer: LayerStreamer | None = None):
         super().__init__()
         self.lock = threading.RLock()
         self.call_depth = 0   # nested task calls (the host's before_call runs before the outermost one)
@@ -51,7 +57,12 @@ class LanceSession(nn.Module):
         self.llm = llm
         self.vit_module, self.vae_module = vit.module, vae.module   # registered: .to() and state_dict see them
         self.vit, self.vae = vit, vae
-        self.memory = memory
+        self.memory, self.plan, self.streamer = memory, plan, streamer
+        # modules whose weights live in host memory and visit the device only while their stage runs
+        staged = [llm, vit.module, vae.module] if memory == "offload" else []
+        staged += [vit.module, vae.module] if plan is not None and plan.stages else []
+        self.staged = {id(m) for m in staged}
+        self.evicted: set[int] = set()   # modules sent to the CPU by a memory fallback, back when they next run
         self.device = execution_device
         llm.execution_device = execution_device
         self.model_id = fingerprint(paths)
@@ -70,14 +81,26 @@ class LanceSession(nn.Module):
 
     # -- memory -----------------------------------------------------------------------------------------
     def check(self, estimate: Estimate) -> None:
-        """Refuse a request that cannot fit (after asking the host to make room)."""
-        estimate.check(self.device, make_room=self.make_room)
+        """Refuse a request that cannot fit (after asking the host to make room), naming the weight plan."""
+        plan = f"weights: {self.plan.describe()}" if self.plan is not None else f"memory mode {self.memory}"
+        estimate.check(self.device, make_room=self.make_room, plan=plan)
 
     def stage_weights(self, module: nn.Module) -> int:
-        """Bytes a stage's weights add on the device while it runs (offload mode), else 0."""
-        if self.memory != "offload" or on_device(module, self.device):
+        """Bytes a staged module's weights add on the device while it runs, else 0."""
+        if id(module) not in self.staged or on_device(module, self.device):
             return 0
         return module_bytes(module)
+
+    def free_after_sampling(self) -> None:
+        """Before a memory fallback: unreferenced tensors and cached blocks go back to the device, and a resident
+        LLM that no host manages leaves the device (it comes back when it next runs)."""
+        if self.before_call is None and id(self.llm) not in self.staged and self.streamer is None \
+                and self.device.type != "cpu" and on_device(self.llm, self.device):
+            self.llm.to("cpu")
+            self.evicted.add(id(self.llm))
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def release_scratch(self) -> None:
         """After a failed or cancelled call: drop the VAE's frame cache, the stores and unreferenced tensors."""
@@ -92,17 +115,20 @@ class LanceSession(nn.Module):
     @contextlib.contextmanager
     def running(self, module: nn.Module, cancel: Callable[[], bool] | None = None):
         """`module` (the LLM, the ViT or the VAE) runs on the execution device, polling `cancel` inside."""
-        with self._placed(module), cancel_hooks(self._cancel_points(module), cancel):
+        streaming = self.streamer.active() if module is self.llm and self.streamer is not None else contextlib.nullcontext()
+        with self._placed(module), streaming, cancel_hooks(self._cancel_points(module), cancel):
             yield
 
     @contextlib.contextmanager
     def _placed(self, module: nn.Module):
-        """In offload mode a stage's weights visit the device only while it runs. In resident mode the ViT and
-        VAE are moved there if a host left them elsewhere (ComfyUI's partial low-VRAM loading streams only layers
-        built from its ops); the LLM is built from those ops, so where its weights sit is the host's business."""
-        if self.memory != "offload":
-            if module is not self.llm and not on_device(module, self.device):
+        """A staged module's weights visit the device only while it runs. Otherwise the ViT and VAE are moved
+        there if a host left them elsewhere (ComfyUI's partial low-VRAM loading streams only layers built from its
+        ops); the LLM is built from those ops (or streamed by the plan), so where its weights sit is not moved
+        here."""
+        if id(module) not in self.staged:
+            if (module is not self.llm or id(module) in self.evicted) and not on_device(module, self.device):
                 module.to(self.device)
+            self.evicted.discard(id(module))
             yield
             return
         module.to(self.device)

@@ -57,7 +57,8 @@ def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[t
     with session.running(session.llm, cancel):
         out = decode(session.llm, seq, prompt_embeddings(session.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids, vocab_limit=tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
-                     on_token=token_hook, cancel=cancel)
+                     on_token=token_hook, cancel=cancel,
+                     cuda_graph=False if session.streamer is not None else None)  # a graph would fix the slots
     text = tokenizer.decode([t for t in out.ids if t not in stop_ids]).strip()
     return text, out.ids, out.logits
 

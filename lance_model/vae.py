@@ -11,6 +11,7 @@ Tiling blends overlapping tiles and so changes the pixels noticeably: keep it op
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -167,6 +168,17 @@ class LanceVAE(ModuleHandle):
 
     def disable_tiling(self) -> None:
         self.module.disable_tiling()
+
+    @contextlib.contextmanager
+    def tiled(self):
+        """Tiled while inside (a memory fallback); the previous setting afterwards."""
+        was = self.tiling_enabled
+        self.enable_tiling()
+        try:
+            yield
+        finally:
+            if not was:
+                self.disable_tiling()
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.z_dim, 1, 1, 1)

@@ -1,7 +1,8 @@
 """The one place that knows about ComfyUI version differences.
 
-Supported hosts: ComfyUI 0.3.64 (the test host in ../shared/comfyui) and current upstream. Everything the nodes
-need from ComfyUI goes through this module, so a future API change is fixed here only.
+Supported hosts: ComfyUI 0.3.64 (the test host in ../shared/comfyui) and current upstream. The all-in-one nodes
+reach ComfyUI only through this module, so a future API change is fixed here; the native path's modules
+(native_model.py, native_sampling.py) subclass and register core classes by nature, and import them directly.
 
 Differences handled (checked against 0.3.64's comfy_api/latest and upstream master):
 - `io.Schema` grew fields after 0.3.64 (search_aliases, essentials_category, is_dev_only, accept_all_inputs,
@@ -192,6 +193,15 @@ def load_to_device(patcher, full: bool) -> None:
 def free_memory(num_bytes: int, device: torch.device, keep=None) -> None:
     """Ask core to move other models off `device` until `num_bytes` are free (keeping `keep`, a patcher)."""
     mm.free_memory(num_bytes, device, keep_loaded=[mm.LoadedModel(keep)] if keep is not None else [])
+
+
+def save_latent(samples: torch.Tensor, prefix: str) -> str:
+    """Save a LATENT's samples in core's SaveLatent format to the output folder; returns the file's path."""
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    path = os.path.join(folder, f"{name}_{counter:05}_.latent")
+    comfy.utils.save_torch_file({"latent_tensor": samples.contiguous(), "latent_format_version_0": torch.tensor([])},
+                                path)
+    return path
 
 
 # ---------------------------------------------------------------- interrupt, progress, previews

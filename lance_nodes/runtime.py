@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import compat
-from .errors import CheckpointError, input_error
+from .errors import CheckpointError, OutOfMemory, input_error
 from .library import lance_model
 from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
 
@@ -254,9 +254,15 @@ class _Progress:
 
 def generate(task, *args, settings, **kwargs):
     """Run one generation task method of a pipeline (e.g. `model.pipe.text_to_image`) with `settings` wired to
-    the progress bar + latent previews and to ComfyUI's interrupt."""
+    the progress bar + latent previews and to ComfyUI's interrupt. When sampling finished but decoding ran out of
+    memory, the sampled LATENT is saved to the output folder and the error says where (nothing is lost)."""
     settings = replace(settings, on_step=_Progress(settings.steps).on_step, cancel=compat.interrupted)
-    return _interruptible(task, *args, settings=settings, **kwargs)
+    try:
+        return _interruptible(task, *args, settings=settings, **kwargs)
+    except lance_model.DecodeOutOfMemory as exc:
+        path = compat.save_latent(latent_output(exc.result)["samples"], "lance/undecoded")
+        raise OutOfMemory(f"{exc}. Saved the sampled LATENT to {path}: copy it into ComfyUI's input folder, load it "
+                          f"with Load Latent and decode it with VAE Decode (Tiled) or Lance Decode Latent.") from exc
 
 
 def call(task, *args, **kwargs):

@@ -161,3 +161,26 @@ def core_wan22_vae(comfy):
         wan22.WanVAE = original
     assert vae.latent_channels == 48
     return vae
+
+
+def forced_logits(pipe, media, question: str, instruction: str, answer: list[int]) -> torch.Tensor:
+    """[len(answer), vocab] the model's logits at each position of `answer` when it is fed `answer` itself
+    (teacher forcing): per-token comparisons, where one early difference cannot change every later token."""
+    from lance_model import prepare
+    from lance_model.llm import prefill_splits, segments_from_mask
+    from lance_model.understanding import prompt_embeddings
+
+    session, llm = pipe.session, pipe.llm
+    request = prepare.question(session, media, question, instruction=instruction, resolution=None, fps=None,
+                               context=None, include_history=False, cancel=None)
+    seq, fed = request.seq, torch.tensor(answer[:-1], dtype=torch.long)
+    cache = llm.new_cache(1, len(seq) + len(fed))
+    start = int(seq.positions[:, -1].max()) + 1
+    positions = torch.arange(start, start + len(fed)).view(1, 1, -1).expand(1, 3, -1)
+    with torch.inference_mode(), session.running(llm):
+        hidden = prefill_splits(llm, prompt_embeddings(llm, seq, request.vit_embeds), seq.positions, seq.splits,
+                                seq.gen_mask, cache)
+        out = llm(llm.embed_text(fed).unsqueeze(0), positions, segments_from_mask(torch.zeros(len(fed), dtype=torch.bool)),
+                  cache=cache, start=len(seq), causal=True)
+        logits = torch.cat([llm.logits(hidden[:, -1]), llm.logits(out[0])])
+    return logits[:, :pipe.tokenizer.vocab_limit].clone()
