@@ -20,6 +20,7 @@ from .ops import TorchOps
 from .fp8 import EXPERTS
 from .memory import readable
 from .session import MEMORY_MODES, LanceSession
+from .streaming import LayerStreamer
 from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 from .tokenizer import LanceTokenizer
 from .vae import load_vae
@@ -118,12 +119,8 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit, checked=vit_files)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
-    plan = streamer = None
-    if planned:
-        plan = pick_plan(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8), fp8_generation)
-        streamer = apply_plan(llm, plan, execution_device)
-        for module in (vit.module, vae.module):
-            module.to("cpu" if plan.stages else execution_device)
+    plan, streamer = place(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8), fp8_generation) \
+        if planned else (None, None)
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
@@ -142,6 +139,17 @@ def check_memory_options(memory, vit_weights, vram_budget, fp8, fp8_generation) 
     if fp8 and memory == "offload":
         raise InputError("fp8 weights need memory 'resident', 'stream' or 'auto' (offload moves whole stages)")
     require_bool(fp8_generation, "fp8_generation")
+
+
+def place(memory: str, llm, vit, vae, device: torch.device, budget: int | None, fp8: tuple[str, ...],
+          fp8_generation: bool) -> tuple[VramPlan, LayerStreamer | None]:
+    """Modules loaded in host memory -> placed by a VRAM plan (pick_plan): the LLM's experts in fp8 / streamed /
+    on the device, the ViT and VAE on the device or left in host memory to visit as stages."""
+    plan = pick_plan(memory, llm, vit, vae, device, budget, fp8, fp8_generation)
+    streamer = apply_plan(llm, plan, device)
+    for module in (vit.module, vae.module):
+        module.to("cpu" if plan.stages else device)
+    return plan, streamer
 
 
 def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None, fp8: tuple[str, ...],
