@@ -18,9 +18,9 @@ import torch
 from .config import LLMConfig
 from .errors import InputError
 from .kv_cache import KVCache
-from .llm import CacheSlot, LanceLLM, prefill_splits, query_segments
+from .llm import CacheSlot, LanceLLM, Routing, prefill_splits, visual_block_routing
 from .packing import CAPTION_CODES, MEDIA_CODES, drop_codes, has_media
-from .positions import latent_position_embedding
+from .positions import Rope, latent_position_embedding
 from .prefix_store import PrefixStore
 from .request import GenerationInputs, LatentGrid
 
@@ -90,7 +90,9 @@ def prefix_embeddings(llm: LanceLLM, inputs: GenerationInputs) -> torch.Tensor:
         grid = LatentGrid(t, h2 // 2, w2 // 2)
         if grid.tokens != latent.shape[0]:
             raise InputError(f"condition latent has {latent.shape[0]} tokens, its block expects {grid.tokens}")
-        embeds[block.payload] = llm.embed_latents(latent, torch.zeros(latent.shape[0]), latent_pos_embed(llm.config, grid))
+        clean = llm.time_embedding(torch.zeros(1))                          # condition latents are at t = 0
+        pos_embed = latent_pos_embed(llm.config, grid).to(llm.device, llm.dtype)
+        embeds[block.payload] = llm.embed_latents(latent, clean, pos_embed)
     return embeds
 
 
@@ -99,15 +101,26 @@ class TargetBlock:
 
     def __init__(self, llm: LanceLLM, inputs: GenerationInputs, prefix_embeds: torch.Tensor):
         split = inputs.seq.target_split
-        self.marker_embeds = prefix_embeds[[split.start, split.end - 1]]
-        self.pos_embed = latent_pos_embed(llm.config, inputs.target)
-        self.segments = query_segments(split.length)
+        self.markers = prefix_embeds[[split.start, split.end - 1]].unsqueeze(1)         # [2, 1, H]
+        self.pos_embed = latent_pos_embed(llm.config, inputs.target).to(llm.device, llm.dtype)
+        self.routing: Routing = visual_block_routing(split.length, llm.device)
+        frozen = torch.zeros(inputs.target.tokens, 1, dtype=torch.bool)
+        frozen[:inputs.frozen_tokens] = True                                             # i2v: frame 0 stays at t = 0
+        self.frozen = frozen.to(llm.device) if inputs.frozen_tokens else None
+        self._marker_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def query(self, llm: LanceLLM, x: torch.Tensor, t_tokens: torch.Tensor) -> torch.Tensor:
-        """x [B, N, C] latents, t_tokens [B, N] per-token timesteps -> query embeddings [B, N + 2, H]."""
-        latent = llm.embed_latents(x, t_tokens, self.pos_embed)
-        markers = self.marker_embeds.to(latent.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([markers[:, :1], latent, markers[:, 1:]], dim=1)
+    def query(self, llm: LanceLLM, x: torch.Tensor, t_emb: torch.Tensor, t0_emb: torch.Tensor | None) -> torch.Tensor:
+        """x [R, N, C] latents, t_emb [R or 1, 1, H] their time embedding (t0_emb [1, 1, H]: t = 0, for frozen
+        tokens) -> query embeddings [R, N + 2, H]."""
+        if self.frozen is not None:
+            t_emb = torch.where(self.frozen, t0_emb, t_emb)
+        start, end = self._markers(x.shape[0])
+        return torch.cat([start, llm.embed_latents(x, t_emb, self.pos_embed), end], dim=1)
+
+    def _markers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows not in self._marker_rows:
+            self._marker_rows[rows] = (self.markers[0:1].expand(rows, 1, -1), self.markers[1:2].expand(rows, 1, -1))
+        return self._marker_rows[rows]
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,9 @@ class BranchEngine:
         self.branches: dict[tuple, Branch] = {}     # in cache order; keeps the requests alive while id() keys them
         self.slots: dict[tuple, BranchSlot] = {}
         self._per_request: dict[int, tuple[GenerationInputs, torch.Tensor, TargetBlock]] = {}
+        self._ropes: dict[tuple, Rope] = {}                     # the query's rotary tables per slot layout
+        self._reads: dict[tuple, list] = {}                     # the query's cache views per slot layout
+        self._times: dict[float, torch.Tensor] = {}             # time embeddings [1, 1, H] per timestep
 
     @property
     def cache_bytes(self) -> int:
@@ -178,7 +194,7 @@ class BranchEngine:
         wanted = sorted({b.key: b for b in known + branches}.values(), key=lambda b: b.rank)
         capacity = max(b.inputs.seq.target_split.end for b in wanted)
         self.cache = self.llm.new_cache(rows * len(wanted), capacity)
-        self.branches, self.slots, self.rows = {}, {}, rows
+        self.branches, self.slots, self.rows, self._ropes, self._reads = {}, {}, rows, {}, {}
         keys = self._store_keys(wanted)
         for index, (branch, key) in enumerate(zip(wanted, keys)):
             row = index * rows
@@ -222,11 +238,23 @@ class BranchEngine:
         return entry
 
     # -- steps ------------------------------------------------------------------------------------------
-    def velocities(self, chunks: list[tuple[Branch, torch.Tensor, torch.Tensor]],
+    def prepare_times(self, timesteps: list[float]) -> None:
+        """Time embeddings of a whole schedule before its first step (a step then looks its own up)."""
+        for t in timesteps + [0.0]:
+            self._time(t)
+
+    def _time(self, t: float) -> torch.Tensor:
+        """[1, 1, H] embedding of one timestep, each computed alone (the same numbers whoever asks first)."""
+        if t not in self._times:
+            self._times[t] = self.llm.time_embedding(torch.tensor([t], dtype=torch.float32)).view(1, 1, -1)
+        return self._times[t]
+
+    def velocities(self, chunks: list[tuple[Branch, torch.Tensor, float | torch.Tensor]],
                    batched: bool | None = None) -> list[torch.Tensor]:
-        """chunks: (branch, x [rows, N, C] target latents, t [rows] timesteps), all with the same row count.
-        Returns each chunk's velocity [rows, N, C] (fp32). Chunks run in branch order, in one batched forward
-        when `batched` (None: auto, by size), else one forward per branch."""
+        """chunks: (branch, x [rows, N, C] target latents, t: one timestep for every row (a float) or one per
+        row ([rows] tensor)), all with the same row count. Returns each chunk's velocity [rows, N, C] (fp32).
+        Chunks run in branch order, in one batched forward when `batched` (None: auto, by size), else one
+        forward per branch."""
         order = sorted(range(len(chunks)), key=lambda i: chunks[i][0].rank)
         ordered = [chunks[i] for i in order]
         rows = ordered[0][1].shape[0]
@@ -246,35 +274,62 @@ class BranchEngine:
         return out
 
     def _queries(self, chunks) -> list[torch.Tensor]:
-        """One query per chunk; chunks with equal latents and timesteps share one embedding, so the results do not
-        depend on how a host splits or repeats its rows."""
+        """One query per chunk; chunks with the same latents and timesteps share one embedding, so the results do
+        not depend on how a host splits or repeats its rows."""
         queries, seen = [], []
         for branch, x, t in chunks:
-            x, t_tokens = frozen_first_frame(branch.inputs, x, t)
             for sx, st, query in seen:
-                if torch.equal(sx, x) and torch.equal(st, t_tokens):
+                if _same(sx, x) and _same(st, t):
                     break
             else:
-                query = self.block(branch.inputs).query(self.llm, x, t_tokens)
-                seen.append((x, t_tokens, query))
+                query = self.block(branch.inputs).query(self.llm, x, self._time_embedding(t), self._time(0.0))
+                seen.append((x, t, query))
             queries.append(query)
         return queries
 
+    def _time_embedding(self, t: float | torch.Tensor) -> torch.Tensor:
+        """[1, 1, H] for one timestep of every row, [rows, 1, H] for a host's per-row timesteps."""
+        if not isinstance(t, torch.Tensor):
+            return self._time(t)
+        values = t.detach().float().tolist()
+        if len(set(values)) == 1:
+            return self._time(values[0])
+        return torch.cat([self._time(v) for v in values])
+
     def _forward(self, block: TargetBlock, query: torch.Tensor, slots: list[BranchSlot]) -> torch.Tensor:
         """One forward of `query` [rows, L, H], laid out slot after slot, against the cache. -> [rows, N, C] fp32."""
-        pos = torch.cat([s.query_pos.expand(s.row_count(), -1, -1) for s in slots])
-        out = self.llm(query, pos, block.segments, cache=self.cache, causal=False,
-                       slots=[CacheSlot(s.rows, s.length) for s in slots])
-        return self.llm.velocity(out[:, 1:-1])
+        cache_slots = [CacheSlot(s.rows, s.length) for s in slots]
+        key = tuple(id(s) for s in slots)
+        if key not in self._reads:
+            self._reads[key] = self.llm.kv_reads(self.cache, cache_slots, query.shape[1])
+        hidden = self.llm(query, self._rope(slots), block.routing, cache=self.cache, causal=False, slots=cache_slots,
+                          final_norm=False, reads=self._reads[key])
+        latents = self.llm.language_model.model.norm_moe_gen(hidden[:, 1:-1])   # the markers' outputs are unused
+        return self.llm.velocity(latents)
+
+    def _rope(self, slots: list[BranchSlot]) -> Rope:
+        key = tuple(id(s) for s in slots)
+        if key not in self._ropes:
+            positions = torch.cat([s.query_pos.expand(s.row_count(), -1, -1) for s in slots])
+            self._ropes[key] = self.llm.rope(positions)
+        return self._ropes[key]
 
 
-def frozen_first_frame(inputs: GenerationInputs, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """i2v: the frozen frame-0 rows are the request's exact clean latent at t = 0 (whatever a host's round trip
-    made of them). -> (x [B, N, C], per-token timesteps [B, N] fp32 on the CPU)."""
-    t_tokens = t.detach().to("cpu", torch.float32).view(-1, 1).expand(-1, x.shape[1]).clone()
+def _same(a, b) -> bool:
+    """The same latents or timesteps (one object, equal floats, or equal tensors)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+
+
+def with_first_frame(inputs: GenerationInputs, x: torch.Tensor) -> torch.Tensor:
+    """i2v: the frozen frame-0 rows are the request's exact clean latent (whatever a host's round trip made of
+    them)."""
     frozen = inputs.frozen_tokens
-    if frozen:
-        x = x.clone()
-        x[:, :frozen] = inputs.first_frame.to(x)
-        t_tokens[:, :frozen] = 0.0
-    return x, t_tokens
+    if not frozen:
+        return x
+    x = x.clone()
+    x[:, :frozen] = inputs.first_frame.to(x)
+    return x

@@ -5,8 +5,9 @@ norms and MLPs are chosen per token. Module names mirror the release checkpoint 
 A forward pass processes one *block* of tokens against a KV cache:
   * `causal=True`  - text; each token sees the cache and earlier tokens of the block,
   * `causal=False` - a visual block; bidirectional over the cache and the whole block.
-Expert routing is a list of contiguous `Segment`s (VS und | payload gen | VE und), so experts are applied to
-slices rather than gathered/scattered token by token.
+Expert routing (`Routing`): the expert most rows of a block use runs over every row, and the other expert runs
+over its few rows only (a visual block's two marker tokens), whose results are then written over the first
+expert's. No gathering and reassembly of the large part of a block, and one call per expert.
 """
 from __future__ import annotations
 
@@ -20,51 +21,43 @@ from .attention import Attention
 from .config import LLMConfig
 from .kv_cache import KVCache
 from .ops import TorchOps, norm_layer
-from .positions import MultimodalRotary, apply_rotary, timestep_sinusoid
+from .positions import MultimodalRotary, Rope, timestep_sinusoid
 
 GEN = "_moe_gen"
 PREFILL_CHUNK_TOKENS = 2048   # causal prefill blocks are cut into chunks of this many tokens at most
 
 
 @dataclass(frozen=True)
-class Segment:
-    start: int
-    end: int
-    gen: bool  # True: generation expert (latent payload), False: understanding expert
+class Routing:
+    """Which expert each row of a block uses: `major_gen`'s expert for every row except `minor_rows` (an index
+    tensor on the device; None when every row uses it), which use the other one."""
+
+    major_gen: bool
+    minor_rows: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, gen_mask: torch.Tensor, device: torch.device) -> "Routing":
+        """From a per-row mask (True = generation expert)."""
+        gen_rows = int(gen_mask.sum())
+        major_gen = 2 * gen_rows > len(gen_mask)
+        minor = torch.nonzero(gen_mask != major_gen).squeeze(1)
+        return cls(major_gen, minor.to(device) if len(minor) else None)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The minor rows of [B, L, ...] (None when there are none)."""
+        return None if self.minor_rows is None else x.index_select(1, self.minor_rows)
+
+    def overwrite(self, outputs: tuple[torch.Tensor, ...], minor: tuple[torch.Tensor, ...]) -> None:
+        for out, part in zip(outputs, minor):
+            out.index_copy_(1, self.minor_rows, part)
 
 
-def segments_from_mask(gen_mask: torch.Tensor) -> list[Segment]:
-    """Contiguous runs of the per-token expert choice."""
-    flags = gen_mask.tolist()
-    segments, start = [], 0
-    for i in range(1, len(flags) + 1):
-        if i == len(flags) or flags[i] != flags[start]:
-            segments.append(Segment(start, i, bool(flags[start])))
-            start = i
-    return segments
+UND = Routing(major_gen=False)
 
 
-def per_expert(segments: list[Segment], inputs: tuple[torch.Tensor, ...], fn) -> tuple[torch.Tensor, ...]:
-    """Apply `fn(*token_slices, gen) -> tuple of [B, n, ...]` once per expert over all of that expert's segments
-    (dim 1 is the token axis), and reassemble the outputs in token order. One call per expert, not per segment:
-    the two marker tokens of a denoising step share one pass over the understanding expert's weights."""
-    if len(segments) == 1:
-        return fn(*inputs, segments[0].gen)
-    pieces: list = [None] * len(segments)
-    for gen in (False, True):
-        chosen = [i for i, s in enumerate(segments) if s.gen == gen]
-        if not chosen:
-            continue
-        gathered = [_cat_tokens([x[:, segments[i].start:segments[i].end] for i in chosen]) for x in inputs]
-        lengths = [segments[i].end - segments[i].start for i in chosen]
-        outputs = [y.split(lengths, dim=1) for y in fn(*gathered, gen)]
-        for position, i in enumerate(chosen):
-            pieces[i] = tuple(y[position] for y in outputs)
-    return tuple(_cat_tokens(list(parts)) for parts in zip(*pieces))
-
-
-def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+def visual_block_routing(length: int, device: torch.device) -> Routing:
+    """[vision_start | latents | vision_end]: markers use the und expert, latents the gen expert."""
+    return Routing(True, torch.tensor([0, length - 1], device=device))
 
 
 class MLP(nn.Module):
@@ -111,7 +104,7 @@ class MoTAttention(nn.Module):
         return {name: getattr(self, name + suffix) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
 
     def qkv(self, x: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, L, H] -> q [B, L, Hq, D], k/v [B, L, Hkv, D] with per-head QK-norm."""
+        """x [B, L, H] (normed) -> q [B, L, Hq, D], k/v [B, L, Hkv, D] with per-head QK-norm."""
         e, (b, n, _) = self.expert(gen), x.shape
         q = e["q_norm"](e["q_proj"](x).view(b, n, self.num_heads, self.head_dim))
         k = e["k_norm"](e["k_proj"](x).view(b, n, self.num_kv_heads, self.head_dim))
@@ -131,24 +124,33 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = norm_layer(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
-                attend: "BlockAttention") -> torch.Tensor:
-        q, k, v = per_expert(segments, (x,), lambda part, gen: self.self_attn.qkv(self._norm_in(part, gen), gen))
-        cos, sin = rope
-        q = apply_rotary(q.transpose(1, 2).float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.transpose(1, 2).float(), cos, sin).to(x.dtype)
-        out = attend(self.index, q, k, v.transpose(1, 2))  # [B, Hq, L, D]
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return per_expert(segments, (x, out), lambda residual, attn, gen: (self._finish(residual, attn, gen),))[0]
+    def forward(self, x: torch.Tensor, rope: Rope, routing: Routing, attend) -> torch.Tensor:
+        minor_x = routing.gather(x)
+        q, k, v = self._qkv(x, routing.major_gen)
+        if minor_x is not None:
+            routing.overwrite((q, k, v), self._qkv(minor_x, not routing.major_gen))
+        q, k = rotate_qk(rope, q, k)
+        out = attend(self.index, q, k, v)    # [B, L, Hq * D]
+        y = self._finish(x, out, routing.major_gen)
+        if minor_x is not None:
+            routing.overwrite((y,), (self._finish(minor_x, routing.gather(out), not routing.major_gen),))
+        return y
 
-    def _norm_in(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
-        return (self.input_layernorm_moe_gen if gen else self.input_layernorm)(x)
+    def _qkv(self, x: torch.Tensor, gen: bool):
+        norm = self.input_layernorm_moe_gen if gen else self.input_layernorm
+        return self.self_attn.qkv(norm(x), gen)
 
     def _finish(self, residual: torch.Tensor, attn: torch.Tensor, gen: bool) -> torch.Tensor:
         x = residual + self.self_attn.expert(gen)["o_proj"](attn)
         norm = self.post_attention_layernorm_moe_gen if gen else self.post_attention_layernorm
         mlp = self.mlp_moe_gen if gen else self.mlp
         return x + mlp(norm(x))
+
+
+def rotate_qk(rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both rotated in one pass over their heads side by side."""
+    both = rope.rotate(torch.cat([q, k], dim=2))
+    return both.split([q.shape[2], k.shape[2]], dim=2)
 
 
 @dataclass(frozen=True)
@@ -160,27 +162,37 @@ class CacheSlot:
     rows: slice
     start: int
 
-    def size(self, cache: KVCache) -> int:
-        return len(range(*self.rows.indices(cache.batch)))
-
 
 class BlockAttention:
-    """Binds one block's cache slots, so a layer passes only its index and q, k, v."""
+    """Binds one block's cache slots, so a layer passes only its index and q, k, v ([B, L, heads, D]). The
+    block's keys/values of every slot are written with one indexed store per tensor; each slot then attends to
+    its own rows of the cache."""
 
-    def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool):
+    def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool,
+                 length: int, index: tuple[torch.Tensor, torch.Tensor] | None, reads: list | None = None):
         self.backend, self.cache, self.slots, self.causal = backend, cache, slots, causal
+        self.length, self.index = length, index
+        # per layer, per slot: (keys, values) views up to the block's end (a caller that runs the same layout every
+        # denoising step makes them once)
+        self.reads = reads
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = q.shape[:2]
+        qt = q.transpose(1, 2)
         if self.cache is None:
-            return self.backend(q, k, v, causal_bottom_right=self.causal)
-        outputs, first = [], 0
-        for slot in self.slots:
-            part = slice(first, first + slot.size(self.cache))
-            self.cache.write(layer, slot.start, k[part], v[part], slot.rows)
-            keys, values = self.cache.read(layer, slot.start + k.shape[2], slot.rows)
-            outputs.append(self.backend(q[part], keys, values, causal_bottom_right=self.causal))
-            first = part.stop
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            out = self.backend(qt, k.transpose(1, 2), v.transpose(1, 2), causal_bottom_right=self.causal)
+        else:
+            self.cache.store(layer, self.index, k, v)
+            outputs, first = [], 0
+            for number, slot in enumerate(self.slots):
+                rows = slot.rows.stop - slot.rows.start
+                keys, values = (self.reads[layer][number] if self.reads is not None
+                                else self.cache.read(layer, slot.start + n, slot.rows))
+                part = qt if rows == b else qt[first:first + rows]
+                outputs.append(self.backend(part, keys, values, causal_bottom_right=self.causal))
+                first += rows
+            out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return out.transpose(1, 2).reshape(b, n, -1)
 
 
 class QwenMoTModel(nn.Module):
@@ -223,6 +235,7 @@ class LanceLLM(nn.Module):
         self.rotary = MultimodalRotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.attention = attention or Attention("sdpa")
         self.execution_device: torch.device | None = None
+        self._store_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -239,38 +252,81 @@ class LanceLLM(nn.Module):
         return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(ids.to(self.device)).to(self.dtype)
+        embeds = self.language_model.model.embed_tokens(ids if ids.device == self.device else ids.to(self.device))
+        return embeds if embeds.dtype == self.dtype else embeds.to(self.dtype)
 
-    def embed_latents(self, latents: torch.Tensor, timesteps: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-        """latents [..., N, C], timesteps [..., N], pos_embed [N, H] -> [..., N, H]."""
-        shape = latents.shape[:-1]
-        t_emb = self.time_embedder(timesteps.reshape(-1).to(self.device), self.dtype).view(*shape, -1)
-        return self.vae2llm(latents.to(self.device, self.dtype)) + t_emb + pos_embed.to(self.device, self.dtype)
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """[n] flow times -> [n, H] time embeddings in the model dtype."""
+        return self.time_embedder(t.to(self.device), self.dtype)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], *,
+    def embed_latents(self, latents: torch.Tensor, t_emb: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """latents [..., N, C], time embeddings broadcastable to [..., N, H], pos_embed [N, H] (on the device, in
+        the model dtype) -> [..., N, H]."""
+        return self.vae2llm(latents.to(self.device, self.dtype)) + t_emb + pos_embed
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """Rotary tables for positions [B, 3, L]."""
+        return Rope.of(*self.rotary(positions.to(self.device)))
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor | Rope, routing: Routing, *,
                 cache: KVCache | None = None, start: int = 0, causal: bool = True, rows: slice = slice(None),
-                slots: list[CacheSlot] | None = None) -> torch.Tensor:
-        """Run one block. hidden [B, L, H], positions [B, 3, L]. With a cache, the block's keys/values are
-        written at [start, start + L) of cache `rows` and attention reads the cache up to there; `slots` gives
-        several such (rows, start) groups, in batch order. Returns the final-normed hidden states (und rows:
-        model.norm, gen rows: model.norm_moe_gen)."""
-        attend = BlockAttention(self.attention, cache, slots or [CacheSlot(rows, start)], causal)
-        return self.run_layers(hidden, positions, segments, attend)
+                slots: list[CacheSlot] | None = None, final_norm: bool = True, reads: list | None = None) -> torch.Tensor:
+        """Run one block. hidden [B, L, H], positions [B, 3, L] (or their Rope, when a caller keeps it across
+        calls). With a cache, the block's keys/values are written at [start, start + L) of cache `rows` and
+        attention reads the cache up to there; `slots` gives several such (rows, start) groups, in batch order
+        (and `reads` their cache views per layer, from `kv_reads`, when the caller keeps them).
+        Returns the hidden states, final-normed (und rows: model.norm, gen rows: model.norm_moe_gen) unless
+        `final_norm` is False."""
+        rope = positions if isinstance(positions, Rope) else self.rope(positions)
+        if cache is not None and slots is None:
+            first, stop, _ = rows.indices(cache.batch)
+            slots = [CacheSlot(slice(first, stop), start)]
+        if cache is not None and max(s.start for s in slots) + hidden.shape[1] > cache.capacity:
+            raise RuntimeError(f"KV cache overflow: a block of {hidden.shape[1]} tokens from position "
+                               f"{max(s.start for s in slots)} does not fit the capacity {cache.capacity}")
+        index = self.store_index(slots, hidden.shape[1]) if cache is not None else None
+        attend = BlockAttention(self.attention, cache, slots or [], causal, hidden.shape[1], index, reads)
+        return self.run_layers(hidden, rope, routing, attend, final_norm)
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, segments: list[Segment], attend) -> torch.Tensor:
+    def kv_reads(self, cache: KVCache, slots: list[CacheSlot], length: int) -> list:
+        """Per layer, per slot, the cache views a block of `length` tokens attends to (see forward)."""
+        return [[cache.read(layer, s.start + length, s.rows) for s in slots] for layer in range(len(cache.kv))]
+
+    def run_layers(self, hidden: torch.Tensor, rope: Rope, routing: Routing, attend,
+                   final_norm: bool = True) -> torch.Tensor:
         """The decoder stack with a given attention binding (`attend(layer_index, q, k, v)`)."""
-        model = self.language_model.model
-        rope = self.rotary(positions.to(self.device))
         x = hidden
-        for layer in model.layers:
-            x = layer(x, rope, segments, attend)
-        return per_expert(segments, (x,), lambda part, gen: ((model.norm_moe_gen if gen else model.norm)(part),))[0]
+        for layer in self.language_model.model.layers:
+            x = layer(x, rope, routing, attend)
+        return self.final_norm(x, routing) if final_norm else x
+
+    def final_norm(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        model = self.language_model.model
+        minor = routing.gather(x)
+        y = (model.norm_moe_gen if routing.major_gen else model.norm)(x)
+        if minor is not None:
+            routing.overwrite((y,), ((model.norm if routing.major_gen else model.norm_moe_gen)(minor),))
+        return y
+
+    def store_index(self, slots: list[CacheSlot], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [R, 1], positions [R, L]) where a block of `length` tokens is stored for these slots (kept: the
+        same layout comes back every denoising step)."""
+        key = (tuple((s.rows.start, s.rows.stop, s.start) for s in slots), length, str(self.device))
+        if key not in self._store_index:
+            rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) for s in slots])
+            starts = torch.cat([torch.full((s.rows.stop - s.rows.start,), s.start) for s in slots])
+            self._store_index[key] = (rows.view(-1, 1).to(self.device),
+                                      (starts.view(-1, 1) + torch.arange(length)).to(self.device))
+        return self._store_index[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.lm_head(hidden).float()
+        out = self.language_model.lm_head(hidden)
+        return out if out.dtype == torch.float32 else out.float()
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm2vae(hidden).float()
+        """Final hidden states (final-normed by the generation expert) -> velocities in fp32."""
+        out = self.llm2vae(hidden)
+        return out if out.dtype == torch.float32 else out.float()
 
 
 def prefill_splits(llm: LanceLLM, embeds: torch.Tensor, positions: torch.Tensor, splits: list, gen_mask: torch.Tensor,
@@ -290,8 +346,8 @@ def prefill_splits(llm: LanceLLM, embeds: torch.Tensor, positions: torch.Tensor,
         for first in range(0, length, step):
             part = slice(offset + first, offset + min(first + step, length))
             hidden = llm(embeds[part].unsqueeze(0), positions[:, part].unsqueeze(0),
-                         segments_from_mask(experts[first:first + step]), cache=cache, start=part.start, causal=causal,
-                         rows=slice(row, row + 1))
+                         Routing.of(experts[first:first + step], llm.device), cache=cache, start=part.start,
+                         causal=causal, rows=slice(row, row + 1))
         offset += length
     return hidden
 
@@ -305,9 +361,3 @@ def _attention_runs(splits: list) -> list[list]:
         else:
             groups.append([split])
     return groups
-
-
-def query_segments(length: int) -> list[Segment]:
-    """A target block [vision_start | latents | vision_end]: markers use the und expert, latents the gen expert."""
-    return [Segment(0, 1, False), Segment(1, length - 1, True), Segment(length - 1, length, False)]
-

@@ -2,11 +2,13 @@
 `comfy.ops.manual_cast`, whose Linear/Embedding/RMSNorm support low-VRAM partial loading); torch.nn plus the
 Qwen2 RMSNorm below is the default."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
+    """Qwen2 RMSNorm (normalise in fp32, then scale) as torch's fused rms_norm: one op instead of seven; in
+    fp32 the same numbers, in bf16 the product with the scale is rounded once instead of twice."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -14,10 +16,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # .to(device) is a no-op normally; under a host's low-VRAM loading the weight may still be in RAM
-        return self.weight.to(device=x.device, dtype=x.dtype) * x32.to(x.dtype)
+        weight = self.weight
+        if weight.device != x.device or weight.dtype != x.dtype:   # a host's low-VRAM loading may keep it in RAM
+            weight = weight.to(device=x.device, dtype=x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 class TorchOps:

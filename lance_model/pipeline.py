@@ -133,13 +133,16 @@ class LancePipeline:
                    max_new_tokens: int = 256, sampling: SamplingOptions | None = None,
                    on_token: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None,
                    context: LanceContext | None = None, fps: float | None = None,
-                   include_history: bool = False, stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
+                   include_history: bool = False, stop_tokens: tuple[str, ...] = (),
+                   return_logits: bool = False) -> UnderstandingResult:
         """Answer `question` about an image/video (or the context's last media). Decoding stops at <|im_end|>
-        or any of `stop_tokens` (token strings of the vocabulary, e.g. "<|endoftext|>")."""
+        or any of `stop_tokens` (token strings of the vocabulary, e.g. "<|endoftext|>"). `return_logits`: every
+        decode step's logits in the result (copied to the host token by token, so off by default)."""
         request = prepare.question(self.session, media, question, instruction=instruction, resolution=resolution,
                                    fps=fps, context=context, include_history=include_history, cancel=cancel)
         return text_generation.answer(self.session, request, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      on_token=on_token, cancel=cancel, stop_tokens=stop_tokens)
+                                      on_token=on_token, cancel=cancel, stop_tokens=stop_tokens,
+                                      return_logits=return_logits)
 
     @task
     def enhance_prompt(self, prompt: str, *, target: str = "image", max_new_tokens: int = 256,

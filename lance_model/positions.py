@@ -2,6 +2,7 @@
 3-D sin-cos latent position embedding."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -79,12 +80,25 @@ class MultimodalRotary:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D], cos/sin [B, L, D]; rotate-half convention."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+@dataclass(frozen=True)
+class Rope:
+    """Rotary tables of one block laid out like its q/k ([B, L, heads, D]): cos, and sin with the first half
+    negated, so that rotating is x * cos + roll(x, D/2) * sin (the rotate-half convention, no concatenation)."""
+
+    cos: torch.Tensor   # [B, L, 1, D] fp32
+    sin: torch.Tensor   # [B, L, 1, D] fp32, first half negated
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> "Rope":
+        """From MultimodalRotary's [B, L, D] tables."""
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cls(cos.unsqueeze(2), signed.unsqueeze(2))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, H, D] rotated in fp32 (as the reference) and returned in x's dtype."""
+        out = torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, dims=-1), self.sin)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _sincos(width: int, positions: torch.Tensor) -> torch.Tensor:
@@ -110,7 +124,11 @@ def latent_position_embedding(frames: int, height: int, width: int, hidden: int,
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[N] flow times in [0, 1] (not scaled) -> [N, dim] = [cos, sin] features in fp32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float().unsqueeze(-1) * freqs
+    args = t.float().unsqueeze(-1) * _frequencies(dim, max_period, t.device)
     return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _frequencies(dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)

@@ -58,10 +58,13 @@ class FlowSampler:
     def __init__(self, engine: BranchEngine, inputs: GenerationInputs, options: SamplerOptions, batch: int):
         """Prefills (or restores) every CFG branch the run will need, `batch` rows each."""
         self.engine, self.inputs, self.opts = engine, inputs, options
-        self.timesteps = options.timesteps
-        count = options.guidance.branch_count(self.timesteps)
+        timesteps = options.timesteps
+        self.timesteps = timesteps.tolist()
+        self.dts = (timesteps[:-1] - timesteps[1:]).tolist()   # in fp32, as the reference
+        count = options.guidance.branch_count(options.timesteps)
         self.branches = cfg_branches(inputs, count, options.guidance.uncond_positions)
         engine.ensure(self.branches, batch)
+        engine.prepare_times(self.timesteps[:-1])
 
     def sample(self, noise: torch.Tensor, on_step: Callable[[StepInfo], None] | None = None,
                cancel: Callable[[], bool] | None = None) -> torch.Tensor:
@@ -75,19 +78,28 @@ class FlowSampler:
         for i in range(total):
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled at step {i + 1}/{total}")
-            t, dt = float(self.timesteps[i]), float(self.timesteps[i] - self.timesteps[i + 1])
+            t, dt = self.timesteps[i], self.dts[i]
             v_cond, v_uncond, v_image_uncond = self._velocities(x, t)
             v = v_cond if v_uncond is None else guided_velocity(v_cond, v_uncond, v_image_uncond, self.opts.guidance)
-            x0 = x.float() - t * v
-            x0[:, :frozen] = x[:, :frozen].float()
-            x[:, frozen:] = (x[:, frozen:].float() - v[:, frozen:] * dt).to(x.dtype)
-            if on_step is not None:
+            if on_step is not None:   # the predicted clean latents, for previews
+                x0 = x.float() - t * v
+                x0[:, :frozen] = x[:, :frozen].float()
                 on_step(StepInfo(i, total, t, x0, v_cond, v_uncond, v, v_image_uncond))
+            euler_step(x, v, dt, frozen)
         return x.float()
 
     def _velocities(self, x: torch.Tensor, t: float) -> list[torch.Tensor | None]:
         """[v_cond, v_uncond, v_image_uncond], None for the branches that do not run at t."""
         branches = self.branches if self.opts.guidance.active(t) else self.branches[:1]
-        t_rows = torch.full((x.shape[0],), t, dtype=torch.float32)
-        velocities = self.engine.velocities([(branch, x, t_rows) for branch in branches], self.opts.batched_cfg)
+        velocities = self.engine.velocities([(branch, x, t) for branch in branches], self.opts.batched_cfg)
         return velocities + [None] * (3 - len(velocities))
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, dt: float, frozen: int) -> None:
+    """x <- x - v dt in place (in fp32, whatever the state dtype), the first `frozen` tokens untouched."""
+    if frozen:
+        x, v = x[:, frozen:], v[:, frozen:]
+    if x.dtype == torch.float32:
+        x.sub_(v * dt)
+    else:
+        x.copy_(x.float() - v * dt)

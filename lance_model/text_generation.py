@@ -14,7 +14,7 @@ from .packing import PackedSequence
 from .prepare import TextRequest
 from .session import LanceSession
 from .understanding import SamplingOptions, decode, prompt_embeddings
-from .validation import require_callable, require_int
+from .validation import require_bool, require_callable, require_int
 
 MAX_NEW_TOKENS = 16384   # the KV cache is preallocated for prompt + max_new_tokens
 
@@ -23,16 +23,18 @@ MAX_NEW_TOKENS = 16384   # the KV cache is preallocated for prompt + max_new_tok
 class UnderstandingResult:
     text: str
     token_ids: list[int]
-    logits: torch.Tensor           # [steps, vocab] raw logits per decode step
+    logits: torch.Tensor | None    # [steps, vocab] raw logits per decode step (when asked for: return_logits)
     context: LanceContext
 
 
 def answer(session: LanceSession, request: TextRequest, *, max_new_tokens: int, sampling: SamplingOptions | None,
            on_token: Callable[[str], None] | None, cancel: Callable[[], bool] | None,
-           stop_tokens: tuple[str, ...] = ()) -> UnderstandingResult:
+           stop_tokens: tuple[str, ...] = (), return_logits: bool = False) -> UnderstandingResult:
     """Decode the answer to a prepared question and append the turn to its conversation."""
+    require_bool(return_logits, "return_logits")
     text, ids, logits = generate_text(session, request.seq, request.vit_embeds, max_new_tokens=max_new_tokens,
-                                      sampling=sampling, on_token=on_token, cancel=cancel, stop_tokens=stop_tokens)
+                                      sampling=sampling, on_token=on_token, cancel=cancel, stop_tokens=stop_tokens,
+                                      keep_logits=return_logits)
     media = unit_frames(request.frames) if request.frames is not None else None
     turn = Turn("x2t_video" if request.is_video else "x2t_image", request.question, text, media)
     return UnderstandingResult(text, ids, logits, (request.context or LanceContext(session.model_id)).append(turn))
@@ -40,8 +42,8 @@ def answer(session: LanceSession, request: TextRequest, *, max_new_tokens: int, 
 
 def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[torch.Tensor], *, max_new_tokens: int,
                   sampling: SamplingOptions | None, on_token: Callable[[str], None] | None = None,
-                  cancel: Callable[[], bool] | None = None,
-                  stop_tokens: tuple[str, ...] = ()) -> tuple[str, list[int], torch.Tensor]:
+                  cancel: Callable[[], bool] | None = None, stop_tokens: tuple[str, ...] = (),
+                  keep_logits: bool = False) -> tuple[str, list[int], torch.Tensor | None]:
     """(text without stop tokens, generated ids, logits per step). Decoding stops at <|im_end|> or any of
     `stop_tokens` (token strings of the vocabulary); `on_token` gets the text so far after every token."""
     require_callable(on_token, "on_token")
@@ -57,7 +59,7 @@ def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[t
     with session.running(session.llm, cancel):
         out = decode(session.llm, seq, prompt_embeddings(session.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids, vocab_limit=tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
-                     on_token=token_hook, cancel=cancel,
+                     on_token=token_hook if on_token is not None else None, cancel=cancel, keep_logits=keep_logits,
                      cuda_graph=False if session.streamer is not None else None)  # a graph would fix the slots
     text = tokenizer.decode([t for t in out.ids if t not in stop_ids]).strip()
     return text, out.ids, out.logits

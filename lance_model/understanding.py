@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .config import LLMConfig
-from .decode_graph import StaticDecodeStep, cuda_graphs_usable
+from .decode_step import DecodeStep, TokenChooser, cuda_graphs_usable
 from .errors import Cancelled, InputError
 from .llm import LanceLLM, prefill_splits
 from .packing import PackedSequence, pack
@@ -37,8 +37,8 @@ class SamplingOptions:
 
 @dataclass
 class DecodeResult:
-    ids: list[int]            # generated ids, stop token included when produced
-    logits: torch.Tensor      # [steps, vocab] raw logits of every decode step (fp32, CPU)
+    ids: list[int]                  # generated ids, stop token included when produced
+    logits: torch.Tensor | None     # [steps, vocab] raw logits of every decode step (fp32, CPU), when asked for
 
 
 def understanding_sequence(tokenizer: LanceTokenizer, cfg: LLMConfig, instruction: str, question: str,
@@ -61,62 +61,44 @@ def prompt_embeddings(llm: LanceLLM, seq: PackedSequence, vit_embeds: list[torch
     return embeds
 
 
+STOP_CHECK_TOKENS = 16   # without a per-token callback, generated ids reach the host this many at a time
+
+
 def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int],
            vocab_limit: int, sampling: SamplingOptions = SamplingOptions(),
            on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
-           cuda_graph: bool | None = None) -> DecodeResult:
-    """Prefill the prompt, then generate up to `max_new_tokens`. Each step reuses the preallocated cache;
-    `cuda_graph` (default: on when the model is on CUDA) replays the step as one CUDA graph."""
+           cuda_graph: bool | None = None, keep_logits: bool = False) -> DecodeResult:
+    """Prefill the prompt, then generate up to `max_new_tokens`, the tokens chosen on the device (decode_step.py).
+    The ids reach the host one at a time with `on_token`, else STOP_CHECK_TOKENS at a time (a stop token is then
+    found up to that many steps late; what follows it is dropped). `cuda_graph` (default: on CUDA, greedy)
+    replays the step as one CUDA graph; `keep_logits` returns every step's logits."""
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     sampling.validate()
     prompt_len = len(seq)
     cache = llm.new_cache(1, prompt_len + max_new_tokens)
-    generator = torch.Generator("cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+    chooser = TokenChooser(sampling, vocab_limit, llm.config.vocab_size, llm.device)
     with torch.inference_mode():
         hidden = prefill_splits(llm, embeds, seq.positions, seq.splits, seq.gen_mask, cache)
-        logits = llm.logits(hidden[:, -1])[0]
-        step_fn = None  # built at the second token: a one-token answer needs no (captured) step
-        next_pos = int(seq.positions[:, -1].max()) + 1
-        ids, all_logits = [], []
-        for step in range(max_new_tokens):
+        logits = llm.logits(hidden[:, -1:])
+        step = DecodeStep(llm, cache, prompt_len, int(seq.positions[:, -1].max()) + 1, chooser,
+                          cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
+        step.first(logits)
+        kept = [logits[0, 0].cpu()] if keep_logits else []
+        ids, chosen = [], 1
+        while True:
+            if on_token is not None or chosen - len(ids) >= STOP_CHECK_TOKENS or chosen == max_new_tokens:
+                for token in step.read(len(ids), chosen):
+                    ids.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                    if token in stop_ids:
+                        return DecodeResult(ids, torch.stack(kept[:len(ids)]) if keep_logits else None)
+            if chosen == max_new_tokens:
+                return DecodeResult(ids, torch.stack(kept) if keep_logits else None)
             if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after {step} generated tokens")
-            logits = logits.float().cpu()
-            all_logits.append(logits)
-            token = choose_token(logits, ids, vocab_limit, sampling, generator)
-            ids.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in stop_ids:
-                break
-            if step + 1 == max_new_tokens:
-                break
-            if step_fn is None:
-                step_fn = StaticDecodeStep(llm, cache, cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
-                step_fn.mark_prefix(prompt_len)
-            logits = step_fn(token, next_pos + step, prompt_len + step)
-    return DecodeResult(ids, torch.stack(all_logits))
-
-
-def choose_token(logits: torch.Tensor, history: list[int], vocab_limit: int, sampling: SamplingOptions,
-                 generator: torch.Generator | None) -> int:
-    logits = logits.clone()
-    logits[vocab_limit:] = float("-inf")  # rows past the tokenizer are untrained padding
-    if sampling.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)))
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+                raise Cancelled(f"cancelled after {chosen} generated tokens")
+            logits = step()
+            chosen += 1
+            if keep_logits:
+                kept.append(logits[0, 0].cpu())

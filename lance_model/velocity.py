@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .branches import Branch, BranchEngine
+from .branches import Branch, BranchEngine, with_first_frame
 from .errors import InputError
 
 
@@ -24,7 +24,8 @@ def host_velocity(engine: BranchEngine, x: torch.Tensor, t: torch.Tensor, branch
             raise InputError(f"the latent has {x.shape[1]} tokens but the conditioning's target block expects "
                              f"{branch.inputs.target.tokens}: use the LATENT made with this conditioning")
     rows = x.shape[0] // len(branches)
-    chunks = [(branch, x[i * rows:(i + 1) * rows], t[i * rows:(i + 1) * rows]) for i, branch in enumerate(branches)]
+    chunks = [(branch, with_first_frame(branch.inputs, x[i * rows:(i + 1) * rows]), t[i * rows:(i + 1) * rows])
+              for i, branch in enumerate(branches)]
     with torch.no_grad():
         velocities = engine.velocities(chunks, batched)
     return torch.cat(velocities) if len(velocities) > 1 else velocities[0]

@@ -167,7 +167,7 @@ def forced_logits(pipe, media, question: str, instruction: str, answer: list[int
     """[len(answer), vocab] the model's logits at each position of `answer` when it is fed `answer` itself
     (teacher forcing): per-token comparisons, where one early difference cannot change every later token."""
     from lance_model import prepare
-    from lance_model.llm import prefill_splits, segments_from_mask
+    from lance_model.llm import UND, prefill_splits
     from lance_model.understanding import prompt_embeddings
 
     session, llm = pipe.session, pipe.llm
@@ -180,7 +180,6 @@ def forced_logits(pipe, media, question: str, instruction: str, answer: list[int
     with torch.inference_mode(), session.running(llm):
         hidden = prefill_splits(llm, prompt_embeddings(llm, seq, request.vit_embeds), seq.positions, seq.splits,
                                 seq.gen_mask, cache)
-        out = llm(llm.embed_text(fed).unsqueeze(0), positions, segments_from_mask(torch.zeros(len(fed), dtype=torch.bool)),
-                  cache=cache, start=len(seq), causal=True)
-        logits = torch.cat([llm.logits(hidden[:, -1]), llm.logits(out[0])])
+        out = llm(llm.embed_text(fed).unsqueeze(0), positions, UND, cache=cache, start=len(seq), causal=True)
+        logits = torch.cat([llm.logits(hidden[0, -1:]), llm.logits(out[0])])
     return logits[:, :pipe.tokenizer.vocab_limit].clone()

@@ -43,10 +43,10 @@ def test_parity_cuda_fp32(cuda_fp32, golden, name):
 
 
 def test_parity_cuda_fp32_understanding(cuda_fp32, golden):
-    
     instruction, question = x2t_request(golden, "x2t_image")
     out = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
-                               resolution="image_256res", max_new_tokens=golden.hyper("x2t_image")["max_new_tokens"])
+                               resolution="image_256res", max_new_tokens=golden.hyper("x2t_image")["max_new_tokens"],
+                               return_logits=True)
     assert out.token_ids == golden.tensors("x2t_image")["out/generated_ids"].tolist()
     assert_close(out.logits, golden.tensors("x2t_image")["out/logits_all_steps"], 2e-4, "cuda fp32 x2t logits")
 
@@ -81,6 +81,6 @@ def test_cuda_graph_decode_matches_eager(golden, dtype, request):
     seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
     embeds = prompt_embeddings(pipe.llm, seq, [])
     runs = [decode(pipe.llm, seq, embeds, max_new_tokens=12, stop_ids=set(), vocab_limit=pipe.tokenizer.vocab_limit,
-                   cuda_graph=graph) for graph in (True, False)]
+                   cuda_graph=graph, keep_logits=True) for graph in (True, False)]
     assert runs[0].ids == runs[1].ids
     assert_close(runs[0].logits, runs[1].logits, 1e-5 if dtype == "fp32" else 1e-2, f"cuda graph vs eager decode ({dtype})")

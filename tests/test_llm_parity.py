@@ -2,7 +2,7 @@
 import torch
 
 from lance_model.attention import bottom_right_causal_mask
-from lance_model.llm import segments_from_mask
+from lance_model.llm import Routing
 from tests.helpers import assert_close
 
 
@@ -20,7 +20,7 @@ def test_parity_llm_forward(pipe, golden):
     with torch.inference_mode():
         for length, mode in zip(hp["split_lens"], hp["attn_modes"]):
             part = slice(start, start + length)
-            outputs.append(llm(x[:, part], pos[:, :, part], segments_from_mask(gen[part]), cache=cache, start=start,
+            outputs.append(llm(x[:, part], pos[:, :, part], Routing.of(gen[part], llm.device), cache=cache, start=start,
                                causal=mode == "causal"))
             start += length
     assert_close(torch.cat(outputs, 1)[0], fx["llm_forward/last_hidden_state"],

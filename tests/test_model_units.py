@@ -5,17 +5,10 @@ import pytest
 import torch
 
 from lance_model.attention import Attention, bottom_right_causal_mask
-from lance_model.llm import MLP, Segment, segments_from_mask
+from lance_model.llm import MLP, Routing
 from lance_model.ops import TorchOps
-from lance_model.positions import (
-    GridBlock,
-    MultimodalRotary,
-    apply_modality_shift,
-    apply_rotary,
-    latent_position_embedding,
-    rope_index,
-    timestep_sinusoid,
-)
+from lance_model.positions import (GridBlock, MultimodalRotary, Rope, apply_modality_shift, latent_position_embedding,
+                                   rope_index, timestep_sinusoid)
 from lance_model.sampler import flow_timesteps
 from tests.helpers import assert_close
 
@@ -50,8 +43,17 @@ def test_mrope_on_text_equals_1d_rope():
     inv = 1.0 / 1e6 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     angles = torch.arange(10, dtype=torch.float64)[:, None] * inv
     assert torch.allclose(cos[0], torch.cat([angles, angles], -1).cos().float(), atol=1e-6)
-    x = torch.randn(1, 2, 10, 128)
-    assert torch.allclose(apply_rotary(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+    x = torch.randn(1, 10, 2, 128)
+    assert torch.allclose(Rope.of(cos, sin).rotate(x).norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+
+
+def test_rope_rotate_is_the_rotate_half_convention():
+    """x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1], as the reference writes it."""
+    cos, sin = MultimodalRotary(head_dim=8, theta=1e4, section=(2, 1, 1))(torch.arange(5).expand(1, 3, -1))
+    x = torch.randn(1, 5, 3, 8)
+    rotate_half = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+    expected = x * cos.unsqueeze(2) + rotate_half * sin.unsqueeze(2)
+    assert torch.allclose(Rope.of(cos, sin).rotate(x), expected, atol=1e-6)
 
 
 def test_latent_position_table_values():
@@ -82,9 +84,13 @@ def test_schedule_matches_spec():
     assert sum(1 for x in t[:-1] if 0.4 < x <= 1.0) == 26
 
 
-def test_segments_from_mask():
-    assert segments_from_mask(torch.tensor([False, True, True, False])) == [
-        Segment(0, 1, False), Segment(1, 3, True), Segment(3, 4, False)]
+def test_routing_runs_the_majority_expert_and_overwrites_the_others_rows():
+    routing = Routing.of(torch.tensor([False, True, True, True, False]), torch.device("cpu"))
+    assert routing.major_gen and routing.minor_rows.tolist() == [0, 4]
+    assert Routing.of(torch.zeros(5, dtype=torch.bool), torch.device("cpu")) == Routing(False, None)
+    major, minor = torch.zeros(1, 5, 2), torch.ones(1, 2, 2)
+    routing.overwrite((major,), (minor,))
+    assert major[0, :, 0].tolist() == [1, 0, 0, 0, 1]
 
 
 def test_bottom_right_causal_mask_and_prefix_attention():

@@ -627,9 +627,10 @@ def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
 
 def test_top_p_zero_keeps_only_the_most_likely_token():
     """top_p 0 (the Understand node's widget minimum) is accepted: sampling then always picks the argmax."""
-    from lance_model.understanding import SamplingOptions, choose_token
-    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    from lance_model.decode_step import TokenChooser
+    from lance_model.understanding import SamplingOptions
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0]).view(1, 1, -1)
     options = SamplingOptions(temperature=1.5, top_p=0.0, seed=0)
     options.validate()
-    generator = torch.Generator().manual_seed(0)
-    assert {choose_token(logits, [], 4, options, generator) for _ in range(20)} == {1}
+    chooser = TokenChooser(options, 4, 4, torch.device("cpu"))
+    assert {int(chooser(logits)) for _ in range(20)} == {1}

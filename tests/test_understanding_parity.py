@@ -14,7 +14,7 @@ def answers(pipe, golden):
         hp = golden.hyper(name)
         instruction, question = x2t_request(golden, name)
         out[name] = pipe.understand(golden.input_media(name), question, instruction=instruction,
-                                    resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
+                                    resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"], return_logits=True)
     return out
 
 
@@ -91,16 +91,33 @@ def test_stop_tokens(pipe, golden):
         pipe.understand(golden.input_media("x2t_image"), question, stop_tokens=("not a token at all",))
 
 
-def test_static_decode_step_leaves_the_prompt_cache_intact(pipe, golden):
-    """The fixed-shape step (the CUDA-graph path; eager here) must not touch prompt slots while warming up."""
-    from lance_model.decode_graph import StaticDecodeStep
+def test_decode_step_stores_each_token_at_its_slot_only(pipe):
+    """The device-side decode step stores the fed token's key/value at the slot tensor's position, leaves the
+    prompt's slots alone, and keeps the chosen token in `ids`."""
+    from lance_model import SamplingOptions
+    from lance_model.decode_step import DecodeStep, TokenChooser
 
     cache = pipe.llm.new_cache(1, 8)
     for keys in cache.keys:
         keys.fill_(1.0)
-    step = StaticDecodeStep(pipe.llm, cache, use_graph=False)
-    step._step()  # what a warm-up runs
-    assert all(bool((keys[:, :, :-1] == 1.0).all()) for keys in cache.keys)
+    chooser = TokenChooser(SamplingOptions(), pipe.tokenizer.vocab_limit, pipe.config.vocab_size, pipe.device)
+    step = DecodeStep(pipe.llm, cache, prompt_len=5, first_position=5, chooser=chooser, use_graph=False)
+    with torch.inference_mode():
+        step.first(torch.zeros(1, 1, pipe.config.vocab_size))
+        logits = step()
+    assert all(bool((keys[:, :, :5] == 1.0).all()) and not bool((keys[:, :, 5] == 1.0).all()) for keys in cache.keys)
+    assert all(bool((keys[:, :, 6:] == 1.0).all()) for keys in cache.keys)
+    assert step.read(0, 2) == [0, int(logits[0, 0, :pipe.tokenizer.vocab_limit].argmax())]
+
+
+def test_logits_only_when_asked_and_the_same_ids_with_or_without_a_callback(pipe, golden):
+    instruction, question = x2t_request(golden, "x2t_image")
+    media = golden.input_media("x2t_image")
+    plain = pipe.understand(media, question, instruction=instruction, max_new_tokens=40)
+    streamed = pipe.understand(media, question, instruction=instruction, max_new_tokens=40, on_token=lambda _: None,
+                               return_logits=True)
+    assert plain.logits is None and streamed.logits.shape[0] == len(streamed.token_ids)
+    assert plain.token_ids == streamed.token_ids and plain.text == streamed.text
 
 
 def test_chunked_prompt_prefill_gives_the_official_answers(pipe, golden, monkeypatch):
@@ -111,7 +128,7 @@ def test_chunked_prompt_prefill_gives_the_official_answers(pipe, golden, monkeyp
         hp, fx = golden.hyper(name), golden.tensors(name)
         instruction, question = x2t_request(golden, name)
         result = pipe.understand(golden.input_media(name), question, instruction=instruction,
-                                 resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"])
+                                 resolution=hp["resolution"], max_new_tokens=hp["max_new_tokens"], return_logits=True)
         assert result.token_ids == fx["out/generated_ids"].tolist()
         assert_close(result.logits, fx["out/logits_all_steps"], golden.tolerance("out/logits_all_steps"),
                      f"{name} chunked prefill logits")

@@ -47,8 +47,10 @@ def test_stream_results_equal_resident_bit_for_bit(pipe, golden):
         ours, reference = run(streamed), run(pipe)
         assert torch.equal(ours.latents, reference.latents) and torch.equal(ours.frames, reference.frames)
     instruction, question = x2t_request(golden, "x2t_image")
-    ours = streamed.understand(golden.input_media("x2t_image"), question, instruction=instruction, max_new_tokens=8)
-    reference = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction, max_new_tokens=8)
+    ours = streamed.understand(golden.input_media("x2t_image"), question, instruction=instruction, max_new_tokens=8,
+                               return_logits=True)
+    reference = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction, max_new_tokens=8,
+                                return_logits=True)
     assert ours.token_ids == reference.token_ids and torch.equal(ours.logits, reference.logits)
 
 
