@@ -1,7 +1,7 @@
 """Every GPU figure of the speed and VRAM issues in one command, on the release configuration with random weights
 built directly on the device (no 16 GB file write):
 
-    python bench/bench_gpu.py [--budget-gib 8,12,16,24] [--skip rows,profile,budgets]
+    python bench/bench_gpu.py [--budget-gib 8,12,16,24] [--skip rows,profile,budgets] [--compile]
     python bench/bench_gpu.py --smoke      # the same code at toy sizes on the CPU (a test runs it)
 
 Prints: the machine (bf16 GEMM and SDPA TFLOP/s, device copy TB/s), the weights per group, every row of the speed
@@ -81,8 +81,10 @@ def _init(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def random_modules(smoke: bool, device: torch.device, dtype: torch.dtype):
-    """(llm, vit, vae) of the release configuration (smoke: the tiny checkpoint's) with random weights."""
+def random_modules(smoke: bool, dtype: torch.dtype):
+    """(llm, vit, vae) in host memory: the release configuration (smoke: the tiny checkpoint's) with random
+    weights. Each measured pipeline places its own copy (one resident copy, then one per budget)."""
+    device = torch.device("cpu")
     if smoke:
         pipe = load_lance(GOLDEN / "checkpoint", dtype=dtype, device=device)
         return pipe.llm, pipe.vit, pipe.vae
@@ -91,7 +93,7 @@ def random_modules(smoke: bool, device: torch.device, dtype: torch.dtype):
     raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
     with torch.device("meta"):
         llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM}), attention=Attention("auto"))
-    llm = _init(llm.to_empty(device=device)).to(dtype)
+    llm = _init(llm.to_empty(device=device).to(dtype))
     vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
     tmp = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -99,24 +101,28 @@ def random_modules(smoke: bool, device: torch.device, dtype: torch.dtype):
     config = load_vit_config(tmp)
     with torch.device("meta"):
         vit = Qwen2_5_VisionTransformerPretrainedModel(config)
-    vit = _init(vit.to_empty(device=device)).to(dtype)
+    vit = _init(vit.to_empty(device=device).to(dtype))
     vit.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config).to(device)
     from lance_model.checkpoint import load_torch_state_dict
     tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
-    vae = _init(_build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE}).to_empty(device=device))
-    return llm, LanceViT(vit), LanceVAE(vae.to(dtype))
+    vae = _init(_build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE}).to_empty(device=device)
+                .to(dtype))
+    return llm, LanceViT(vit), LanceVAE(vae)
 
 
 def pipeline(modules, device: torch.device, memory: str = "resident", budget: int | None = None) -> LancePipeline:
-    """A pipeline over (copies of) the modules; memory "auto" places them by the VRAM plan for `budget`."""
-    llm, vit, vae = modules
+    """A pipeline over a copy of the host-memory modules: all on the device (resident), or placed by the VRAM
+    plan for `budget` (auto)."""
+    llm, vit, vae = (copy.deepcopy(m) for m in (modules[0], modules[1].module, modules[2].module))
+    vit, vae = LanceViT(vit), LanceVAE(vae)
     paths = resolve_release(GOLDEN / "checkpoint")
     tokenizer = LanceTokenizer(paths.lance_dir, llm.config)
     plan = streamer = None
     if memory == "auto":
-        llm, vit, vae = (copy.deepcopy(m).to("cpu") for m in (llm, vit.module, vae.module))
-        vit, vae = LanceViT(vit), LanceVAE(vae)
         plan, streamer = place("auto", llm, vit, vae, device, budget, (), False)
+    else:
+        for module in (llm, vit.module, vae.module):
+            module.to(device)
     return LancePipeline(LanceSession(paths, llm, tokenizer, vit, vae, memory, device, {}, plan, streamer))
 
 
@@ -294,18 +300,33 @@ def op_counts() -> tuple[float, float]:
     return step, token
 
 
-def run_sections(modules, scale: Scale, device: torch.device, skip: set[str], gib: list[float], smoke: bool) -> None:
+def run_sections(modules, scale: Scale, device: torch.device, skip: set[str], gib: list[float], smoke: bool,
+                 compiled: bool) -> None:
+    if not {"rows", "profile"} <= skip:
+        resident(modules, scale, device, skip, compiled)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()   # the resident copy is gone: the budgets measure their own placements only
+    if "budgets" not in skip:
+        guarded(lambda: budgets(modules, scale, device, gib, smoke))
+
+
+def resident(modules, scale: Scale, device: torch.device, skip: set[str], compiled: bool) -> None:
     pipe = pipeline(modules, device)
-    for section, run in (("rows", lambda: print_rows(rows(pipe, scale, device))),
-                         ("profile", lambda: profile(pipe, scale, device)),
-                         ("budgets", lambda: budgets(modules, scale, device, gib, smoke))):
-        if section in skip:
-            continue
-        try:
-            run()
-        except Exception:  # noqa: BLE001 - one failing section must not hide the others
-            traceback.print_exc()
-        sys.stdout.flush()
+    if compiled:
+        pipe.llm.compile_steps()
+        print("denoising steps compiled (torch.compile)")
+    if "rows" not in skip:
+        guarded(lambda: print_rows(rows(pipe, scale, device)))
+    if "profile" not in skip:
+        guarded(lambda: profile(pipe, scale, device))
+
+
+def guarded(run) -> None:
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - one failing section must not hide the others
+        traceback.print_exc()
+    sys.stdout.flush()
 
 
 def main() -> int:
@@ -313,6 +334,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (a test runs this)")
     parser.add_argument("--budget-gib", default="8,12,16,24")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: rows, profile, budgets")
+    parser.add_argument("--compile", action="store_true", help="the speed rows with load_lance(compile=True)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -324,9 +346,10 @@ def main() -> int:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {'smoke (CPU, toy sizes)' if args.smoke else 'release configuration'}, {dtype}")
     machine(device, dtype)
-    modules = random_modules(args.smoke, device, dtype)
+    modules = random_modules(args.smoke, dtype)
     print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
-    run_sections(modules, scale, device, skip, [float(g) for g in args.budget_gib.split(",")], args.smoke)
+    run_sections(modules, scale, device, skip, [float(g) for g in args.budget_gib.split(",")], args.smoke,
+                 args.compile)
     step, token = op_counts()
     print(f"total {time.perf_counter() - started:.0f} s")
     print(f"ops per layer-step {step:.1f}, ops per layer-token {token:.1f}")

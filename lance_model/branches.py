@@ -303,7 +303,7 @@ class BranchEngine:
         if key not in self._reads:
             self._reads[key] = self.llm.kv_reads(self.cache, cache_slots, query.shape[1])
         hidden = self.llm(query, self._rope(slots), block.routing, cache=self.cache, causal=False, slots=cache_slots,
-                          final_norm=False, reads=self._reads[key])
+                          final_norm=False, reads=self._reads[key], step=True)
         latents = self.llm.language_model.model.norm_moe_gen(hidden[:, 1:-1])   # the markers' outputs are unused
         return self.llm.velocity(latents)
 

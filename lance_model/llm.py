@@ -11,6 +11,7 @@ expert's. No gathering and reassembly of the large part of a block, and one call
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,12 @@ from torch import nn
 
 from .attention import Attention
 from .config import LLMConfig
+from .errors import Cancelled
 from .kv_cache import KVCache
 from .ops import TorchOps, norm_layer
 from .positions import MultimodalRotary, Rope, timestep_sinusoid
 
+log = logging.getLogger(__name__)
 GEN = "_moe_gen"
 PREFILL_CHUNK_TOKENS = 2048   # causal prefill blocks are cut into chunks of this many tokens at most
 
@@ -236,6 +239,7 @@ class LanceLLM(nn.Module):
         self.attention = attention or Attention("sdpa")
         self.execution_device: torch.device | None = None
         self._store_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_layers = None   # the decoder stack of denoising steps, compiled (compile_steps)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -270,11 +274,13 @@ class LanceLLM(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor | Rope, routing: Routing, *,
                 cache: KVCache | None = None, start: int = 0, causal: bool = True, rows: slice = slice(None),
-                slots: list[CacheSlot] | None = None, final_norm: bool = True, reads: list | None = None) -> torch.Tensor:
+                slots: list[CacheSlot] | None = None, final_norm: bool = True, reads: list | None = None,
+                step: bool = False) -> torch.Tensor:
         """Run one block. hidden [B, L, H], positions [B, 3, L] (or their Rope, when a caller keeps it across
         calls). With a cache, the block's keys/values are written at [start, start + L) of cache `rows` and
         attention reads the cache up to there; `slots` gives several such (rows, start) groups, in batch order
-        (and `reads` their cache views per layer, from `kv_reads`, when the caller keeps them).
+        (and `reads` their cache views per layer, from `kv_reads`, when the caller keeps them). `step`: a denoising
+        step (the same shapes every call), run compiled when compile_steps() was called.
         Returns the hidden states, final-normed (und rows: model.norm, gen rows: model.norm_moe_gen) unless
         `final_norm` is False."""
         rope = positions if isinstance(positions, Rope) else self.rope(positions)
@@ -286,7 +292,31 @@ class LanceLLM(nn.Module):
                                f"{max(s.start for s in slots)} does not fit the capacity {cache.capacity}")
         index = self.store_index(slots, hidden.shape[1]) if cache is not None else None
         attend = BlockAttention(self.attention, cache, slots or [], causal, hidden.shape[1], index, reads)
+        if step and self._step_layers is not None:
+            return self._compiled_step(hidden, rope, routing, attend, final_norm)
         return self.run_layers(hidden, rope, routing, attend, final_norm)
+
+    def compile_steps(self) -> None:
+        """Denoising steps run the decoder stack through torch.compile (static shapes: one compilation per
+        request layout, then norms, rotary, SiLU-mul and residual adds fuse). Where compilation is unavailable the
+        first step says so once and everything runs eagerly."""
+        self._step_layers = torch.compile(self.run_layers, dynamic=False)
+        self._step_checked = False
+
+    def _compiled_step(self, hidden, rope, routing, attend, final_norm) -> torch.Tensor:
+        if self._step_checked:
+            return self._step_layers(hidden, rope, routing, attend, final_norm)
+        try:
+            out = self._step_layers(hidden, rope, routing, attend, final_norm)
+        except (torch.OutOfMemoryError, Cancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the eager step, once
+            log.warning("torch.compile is unavailable here (%s: %s): denoising steps run eagerly",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._step_layers = None
+            return self.run_layers(hidden, rope, routing, attend, final_norm)
+        self._step_checked = True
+        return out
 
     def kv_reads(self, cache: KVCache, slots: list[CacheSlot], length: int) -> list:
         """Per layer, per slot, the cache views a block of `length` tokens attends to (see forward)."""

@@ -87,7 +87,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
                  device: str | torch.device = "auto", attention: str = "auto", operations=None,
                  memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                  weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-                 fp8: tuple[str, ...] = (), fp8_generation: bool = False) -> LanceSession:
+                 fp8: tuple[str, ...] = (), fp8_generation: bool = False, compile: bool = False) -> LanceSession:
     """See pipeline.load_lance."""
     if not isinstance(root, (str, Path)):
         raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
@@ -121,6 +121,10 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
     plan, streamer = place(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8), fp8_generation) \
         if planned else (None, None)
+    if require_bool(compile, "compile") and streamer is not None:
+        log.info("compile: not with streamed weights (they move per layer); denoising steps run eagerly")
+    elif compile:
+        llm.compile_steps()
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")

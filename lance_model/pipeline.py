@@ -158,7 +158,7 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
                memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-               fp8: tuple[str, ...] = (), fp8_generation: bool = False) -> LancePipeline:
+               fp8: tuple[str, ...] = (), fp8_generation: bool = False, compile: bool = False) -> LancePipeline:
     """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU.
 
     memory: "resident" (every weight on the device), "offload" (weights in CPU memory; each stage - ViT, LLM,
@@ -170,8 +170,10 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     `device`, for a host that moves or streams them itself (ComfyUI's model patcher); activations and the KV
     cache always live on `device`. vit_weights: "vit" (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the
     vit_model.* tensors of model.safetensors). vae_tiling: spatially tiled VAE encode/decode (less memory,
-    pixels differ slightly from untiled; off as in the reference)."""
+    pixels differ slightly from untiled; off as in the reference). compile: denoising steps run their decoder
+    stack through torch.compile (one compilation per request layout; off by default until measured on a GPU;
+    falls back to eager with one log line where compilation is unavailable)."""
     return LancePipeline(load_session(root, variant=variant, dtype=dtype, device=device, attention=attention,
                                       operations=operations, memory=memory, vit_weights=vit_weights,
                                       vae_tiling=vae_tiling, weights_device=weights_device, vram_budget=vram_budget,
-                                      fp8=fp8, fp8_generation=fp8_generation))
+                                      fp8=fp8, fp8_generation=fp8_generation, compile=compile))
