@@ -39,7 +39,7 @@ from lance_model.session import LanceSession  # noqa: E402
 from lance_model.tokenizer import LanceTokenizer  # noqa: E402
 from lance_model.vae import LanceVAE, _architecture_from_weights, _build_module, convert_wan_vae_keys  # noqa: E402
 from lance_model.vit import LanceViT, load_vit_config  # noqa: E402
-from lance_model.vram_plan import WeightBytes, candidates, working_reserve  # noqa: E402
+from lance_model.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, choose_plan, working_reserve  # noqa: E402
 
 REAL_LLM = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
                 intermediate_size=11008, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
@@ -244,7 +244,8 @@ def budgets(modules, scale: Scale, device: torch.device, gib: list[float], smoke
             if total:
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0), device)
-            budget_tasks(pipeline(modules, device, "auto", limit), scale, device, limit)
+            # on CUDA the plan reads the capped allocator itself (memory.available_bytes), as a user's load would
+            budget_tasks(pipeline(modules, device, "auto", None if total else limit), scale, device, limit)
         except Exception as exc:  # noqa: BLE001 - a budget that does not fit is a result, not a crash
             print(f"  budget {readable(limit)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         finally:
@@ -263,6 +264,36 @@ def budget_tasks(pipe: LancePipeline, scale: Scale, device: torch.device, limit:
             ("x2t 32 tokens", lambda: pipe.understand(None, "What is a fox?", max_new_tokens=32))):
         took, memory = peak(device, fn)
         print(f"  {name:26} {took:8.2f} s   peak {memory}", flush=True)
+
+
+def release_plans(gib: list[float]) -> None:
+    """The release's weights per group in bf16 (built on the meta device: no memory) and the plan each budget
+    picks with the working reserve of a 768^2 image (vram_plan.py's arithmetic; the budgets section runs them)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
+    vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
+    tmp = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps({**vit_raw, **REAL_VIT}))
+    from lance_model.checkpoint import load_torch_state_dict
+    tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
+    with torch.device("meta"):
+        llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM})).to(torch.bfloat16)
+        vit = Qwen2_5_VisionTransformerPretrainedModel(load_vit_config(tmp)).to(torch.bfloat16)
+    vae = _build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE}).to(torch.bfloat16)
+    sizes = WeightBytes.of(llm, vit, vae)
+    work = working_reserve(llm.config, RELEASE_VAE["decoder_base_dim"], torch.bfloat16)
+    print(f"release weights (bf16): understanding expert {readable(sizes.und)}, generation expert "
+          f"{readable(sizes.gen)}, shared {readable(sizes.shared)} (LLM {readable(sizes.und + sizes.gen + sizes.shared)}), "
+          f"ViT {readable(sizes.vit)}, VAE {readable(sizes.vae)}; all {readable(sizes.device_bytes(candidates()[0]))}; "
+          f"working reserve of a 768^2 image {readable(work)}")
+    for g in gib:
+        budget = int(g * GIB) - DEVICE_MARGIN
+        try:
+            plan = choose_plan(budget, sizes, work)
+            print(f"  {g:g} GiB card: {plan.describe()} ({readable(sizes.device_bytes(plan))} of weights on the device)")
+        except Exception as exc:  # noqa: BLE001 - a card too small is a result
+            print(f"  {g:g} GiB card: {str(exc).splitlines()[0]}")
 
 
 # ---------------------------------------------------------------- op counts (eager, CPU, the tiny checkpoint)
@@ -346,6 +377,7 @@ def main() -> int:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {'smoke (CPU, toy sizes)' if args.smoke else 'release configuration'}, {dtype}")
     machine(device, dtype)
+    release_plans([float(g) for g in args.budget_gib.split(",")])
     modules = random_modules(args.smoke, dtype)
     print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
     run_sections(modules, scale, device, skip, [float(g) for g in args.budget_gib.split(",")], args.smoke,

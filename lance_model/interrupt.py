@@ -42,6 +42,6 @@ def cancel_hooks(modules: Iterable[tuple[str, nn.Module]], cancel: Callable[[], 
 def _poller(cancel: Callable[[], bool], where: str):
     def hook(module, args):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return  # never raise inside a CUDA graph capture (decode_graph.py); the token loop polls anyway
+            return  # never raise inside a CUDA graph capture (decode_step.py); the token loop polls anyway
         check_cancel(cancel, where)
     return hook

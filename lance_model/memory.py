@@ -33,11 +33,15 @@ HINT = ("load the model with memory='auto' (a VRAM plan: fp8 and streamed weight
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can still get: CUDA free memory plus what PyTorch's allocator holds unused; on CPU
-    MemAvailable from /proc/meminfo. None where unknown (then nothing is refused)."""
+    """Memory a new allocation can still get: CUDA free memory plus what PyTorch's allocator holds unused (within
+    a per-process fraction when one is set); on CPU MemAvailable from /proc/meminfo. None where unknown (then
+    nothing is refused)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        available = free + torch.cuda.memory_reserved(device) - allocated
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        return int(min(available, fraction * total - allocated))
     if device.type == "cpu":
         try:
             for line in MEMINFO.read_text().splitlines():

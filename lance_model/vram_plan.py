@@ -26,7 +26,8 @@ from torch import nn
 
 from .errors import OutOfMemory
 from .fp8 import store_experts_in_fp8
-from .memory import GIB, forward_activation_bytes, kv_cache_bytes, module_bytes, readable, vae_decode_bytes
+from .memory import (GIB, available_bytes, forward_activation_bytes, kv_cache_bytes, module_bytes, readable,
+                     vae_decode_bytes)
 from .streaming import LayerStreamer, expert_modules, stream_experts
 
 STREAM_AHEAD = 2            # streamed layers in flight besides the one running
@@ -117,11 +118,11 @@ def working_reserve(cfg, decoder_width: int, dtype: torch.dtype, side: int = RES
 
 
 def device_budget(device: torch.device) -> int | None:
-    """Free memory of a CUDA device minus a margin (None elsewhere: no plan is needed on the CPU)."""
+    """Memory the device can still give (memory.available_bytes: within a per-process fraction when one is set)
+    minus a margin (None off CUDA: no plan is needed on the CPU)."""
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(free - DEVICE_MARGIN, 0)
+    return max(available_bytes(device) - DEVICE_MARGIN, 0)
 
 
 def apply_plan(llm: nn.Module, plan: VramPlan, device: torch.device) -> LayerStreamer | None:
