@@ -29,3 +29,9 @@ class DecodeOutOfMemory(OutOfMemory):
     def __init__(self, message: str, result):
         super().__init__(message)
         self.result = result
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (torch's out-of-memory and compiler errors run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default

@@ -9,7 +9,7 @@ import torch
 
 from .branches import BranchEngine
 from .context import LanceContext, Turn
-from .errors import DecodeOutOfMemory, InputError, OutOfMemory
+from .errors import DecodeOutOfMemory, InputError, OutOfMemory, first_line
 from .memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
 from .request import GenerationInputs, LatentGrid, tokens_to_video
 from .sampler import FlowSampler, SamplerOptions, StepInfo
@@ -126,23 +126,18 @@ def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> 
     try:
         return decode(session, sampled.latents, cancel)
     except (torch.OutOfMemoryError, OutOfMemory) as exc:
-        first = _first_line(exc)
+        first = first_line(exc, type(exc).__name__)
     session.free_after_sampling()
     log.warning("VAE decode ran out of memory (%s): retrying tiled after freeing the sampling's memory", first)
     try:
         with session.vae.tiled():
             return decode(session, sampled.latents, cancel)
     except (torch.OutOfMemoryError, OutOfMemory) as exc:
-        second = _first_line(exc)
+        second = first_line(exc, type(exc).__name__)
     session.free_after_sampling()
     raise DecodeOutOfMemory(f"sampling finished, but decoding its latents ran out of memory on {session.device}, "
                             f"untiled ({first}) and tiled ({second}); the latents are kept (this error's `result`, "
                             f"the node's saved LATENT): decode them later, tiled, or on a larger device", sampled)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import LLMConfig
-from .errors import Cancelled
+from .errors import Cancelled, first_line
 from .kv_cache import KVCache
 from .ops import TorchOps, norm_layer
 from .positions import MultimodalRotary, Rope, timestep_sinusoid
@@ -312,7 +312,7 @@ class LanceLLM(nn.Module):
             raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the eager step, once
             log.warning("torch.compile is unavailable here (%s: %s): denoising steps run eagerly",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                        type(exc).__name__, first_line(exc))
             self._step_layers = None
             return self.run_layers(hidden, rope, routing, attend, final_norm)
         self._step_checked = True

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import ReleasePaths
 from .encode_store import EncodeStore
-from .errors import OutOfMemory
+from .errors import OutOfMemory, first_line
 from .interrupt import cancel_hooks
 from .llm import LanceLLM
 from .memory import HINT, Estimate, module_bytes
@@ -164,7 +164,7 @@ def task(method):
                     session.before_call()
                 return method(self, *args, **kwargs)
             except torch.OutOfMemoryError as exc:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+                detail = first_line(exc, "out of memory")
             except BaseException:
                 session.release_scratch()
                 raise
