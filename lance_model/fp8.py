@@ -2,7 +2,7 @@
 compute dtype right before the matmul. Halves the bytes a weight occupies (resident) or moves (streamed); works
 on any device torch can cast float8 on (every CUDA GPU and the CPU), with no fp8 matmul kernel needed.
 
-Quality is measured, not assumed: tests/test_fp8.py on the tiny fixtures, bench/bench_fp8.py on the mid release
+Quality is measured, not assumed: tests/test_vram_plan.py on the tiny fixtures, bench/bench_fp8.py on the mid release
 (final-latent error, decoded-pixel PSNR, greedy-id agreement against bf16).
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .llm import GEN
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max      # 448
@@ -45,13 +47,12 @@ class Fp8Linear(nn.Module):
 def expert_linears(llm: nn.Module, expert: str) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(owner, attribute, Linear) of every projection and MLP of one expert ("und" or "gen") in every layer."""
     gen = expert == "gen"
+    suffix = GEN if gen else ""
     found = []
     for layer in llm.language_model.model.layers:
-        attention = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            found.append((attention, name + ("_moe_gen" if gen else ""),
-                          getattr(attention, name + ("_moe_gen" if gen else ""))))
-        mlp = layer.mlp_moe_gen if gen else layer.mlp
+        attention, mlp = layer.self_attn, layer.mlp_moe_gen if gen else layer.mlp
+        found += [(attention, name + suffix, module) for name, module in attention.expert(gen).items()
+                  if name.endswith("_proj")]
         found += [(mlp, name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
     return found
 

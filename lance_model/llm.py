@@ -139,6 +139,13 @@ class MoTDecoderLayer(nn.Module):
             routing.overwrite((y,), (self._finish(minor_x, routing.gather(out), not routing.major_gen),))
         return y
 
+    def expert_modules(self, gen: bool) -> list[nn.Module]:
+        """Every module of one expert in this layer: attention projections and QK norms, MLP, both layer norms
+        (what weight streaming moves and the VRAM plan sizes)."""
+        suffix = GEN if gen else ""
+        return [*self.self_attn.expert(gen).values(), getattr(self, "mlp" + suffix),
+                getattr(self, "input_layernorm" + suffix), getattr(self, "post_attention_layernorm" + suffix)]
+
     def _qkv(self, x: torch.Tensor, gen: bool):
         norm = self.input_layernorm_moe_gen if gen else self.input_layernorm
         return self.self_attn.qkv(norm(x), gen)

@@ -106,17 +106,8 @@ class LayerStreamer:
         self.loaded[slot] = layer
 
 
-def expert_modules(layer: nn.Module, expert: str) -> list[nn.Module]:
-    """The modules of one expert ("und" or "gen") in a decoder layer: projections, QK norms, MLP, layer norms."""
-    suffix = "_moe_gen" if expert == "gen" else ""
-    attention = layer.self_attn
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
-    return ([getattr(attention, name + suffix) for name in names] + [layer.mlp_moe_gen if expert == "gen" else layer.mlp]
-            + [getattr(layer, "input_layernorm" + suffix), getattr(layer, "post_attention_layernorm" + suffix)])
-
-
 def stream_experts(llm: nn.Module, experts: tuple[str, ...], device: torch.device, ahead: int = 2) -> LayerStreamer:
     """A streamer for the named experts of every decoder layer of `llm` (their weights move to host memory)."""
     layers = llm.language_model.model.layers
-    groups = [[m for expert in experts for m in expert_modules(layer, expert)] for layer in layers]
+    groups = [[m for expert in experts for m in layer.expert_modules(expert == "gen")] for layer in layers]
     return LayerStreamer(layers, groups, device, ahead)

@@ -14,7 +14,7 @@ the first whose device bytes (weights + stream slots + a working reserve for the
     the generation expert, which carries the latent block.
 
 The fp8 generation expert is offered only when asked for (`fp8_generation=True`): the quality gate (bench_fp8.py,
-tests/test_fp8.py) measures it, but it is not the default until it passes the same gate as the understanding
+tests/test_vram_plan.py) measures it, but it is not the default until it passes the same gate as the understanding
 expert.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .errors import OutOfMemory
 from .fp8 import store_experts_in_fp8
 from .memory import (GIB, available_bytes, forward_activation_bytes, kv_cache_bytes, module_bytes, readable,
                      vae_decode_bytes)
-from .streaming import LayerStreamer, expert_modules, stream_experts
+from .streaming import LayerStreamer, stream_experts
 
 STREAM_AHEAD = 2            # streamed layers in flight besides the one running
 DEVICE_MARGIN = GIB // 2    # left free by an automatic budget (the CUDA context, fragmentation)
@@ -79,8 +79,8 @@ class WeightBytes:
     @classmethod
     def of(cls, llm: nn.Module, vit: nn.Module, vae: nn.Module) -> "WeightBytes":
         layers = llm.language_model.model.layers
-        und = sum(module_bytes(m) for layer in layers for m in expert_modules(layer, "und"))
-        gen = sum(module_bytes(m) for layer in layers for m in expert_modules(layer, "gen"))
+        und = sum(module_bytes(m) for layer in layers for m in layer.expert_modules(False))
+        gen = sum(module_bytes(m) for layer in layers for m in layer.expert_modules(True))
         return cls(und, gen, module_bytes(llm) - und - gen, module_bytes(vit), module_bytes(vae), len(layers))
 
     def device_bytes(self, plan: VramPlan) -> int:
