@@ -1,5 +1,5 @@
 """Every GPU figure of the speed and VRAM issues in one command, on the release configuration with random weights
-built directly on the device (no 16 GB file write):
+built in host memory (no 16 GB file write):
 
     python bench/bench_gpu.py [--budget-gib 8,12,16,24] [--skip rows,profile,budgets] [--compile]
     python bench/bench_gpu.py --smoke      # the same code at toy sizes on the CPU (a test runs it)
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GOLDEN, copy_bandwidth, synchronize  # noqa: E402
-from bench.random_release import REAL_VIT, RELEASE_VAE  # noqa: E402
+from bench.common import GOLDEN, copy_bandwidth, seconds  # noqa: E402
+from bench.random_release import REAL_LLM, REAL_VIT, RELEASE_VAE  # noqa: E402
 from lance_model import GenerationSettings, LancePipeline, SamplingOptions, load_lance  # noqa: E402
 from lance_model.attention import Attention  # noqa: E402
 from lance_model.checkpoint import resolve_release  # noqa: E402
@@ -41,8 +41,6 @@ from lance_model.vae import LanceVAE, _architecture_from_weights, _build_module,
 from lance_model.vit import LanceViT, load_vit_config  # noqa: E402
 from lance_model.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, choose_plan, working_reserve  # noqa: E402
 
-REAL_LLM = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
-                intermediate_size=11008, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
 PROMPT = "A red fox standing in a snowy birch forest at dawn, soft golden light, photorealistic, detailed fur."
 
 
@@ -81,6 +79,24 @@ def _init(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
+def release_architecture(dtype: torch.dtype):
+    """(llm, vit, vae) modules of the release configuration on the meta device (no memory): the LLM and ViT at
+    release size with the tiny checkpoint's ids, the Wan2.2 VAE at release width."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from lance_model.checkpoint import load_torch_state_dict
+    raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
+    vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
+    vit_config_file = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
+    vit_config_file.parent.mkdir(parents=True, exist_ok=True)
+    vit_config_file.write_text(json.dumps({**vit_raw, **REAL_VIT}))
+    tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
+    with torch.device("meta"):
+        llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM}), attention=Attention("auto"))
+        vit = Qwen2_5_VisionTransformerPretrainedModel(load_vit_config(vit_config_file))
+        vae = _build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE})
+    return llm.to(dtype), vit.to(dtype), vae.to(dtype)
+
+
 def random_modules(smoke: bool, dtype: torch.dtype):
     """(llm, vit, vae) in host memory: the release configuration (smoke: the tiny checkpoint's) with random
     weights. Each measured pipeline places its own copy (one resident copy, then one per budget)."""
@@ -88,25 +104,9 @@ def random_modules(smoke: bool, dtype: torch.dtype):
     if smoke:
         pipe = load_lance(GOLDEN / "checkpoint", dtype=dtype, device=device)
         return pipe.llm, pipe.vit, pipe.vae
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
-                                                                    Qwen2_5_VLVisionRotaryEmbedding)
-    raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
-    with torch.device("meta"):
-        llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM}), attention=Attention("auto"))
-    llm = _init(llm.to_empty(device=device).to(dtype))
-    vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
-    tmp = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps({**vit_raw, **REAL_VIT}))
-    config = load_vit_config(tmp)
-    with torch.device("meta"):
-        vit = Qwen2_5_VisionTransformerPretrainedModel(config)
-    vit = _init(vit.to_empty(device=device).to(dtype))
-    vit.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config).to(device)
-    from lance_model.checkpoint import load_torch_state_dict
-    tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
-    vae = _init(_build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE}).to_empty(device=device)
-                .to(dtype))
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+    llm, vit, vae = (_init(module.to_empty(device=device)) for module in release_architecture(dtype))
+    vit.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(vit.config).to(device)   # its frequencies are computed
     return llm, LanceViT(vit), LanceVAE(vae)
 
 
@@ -127,14 +127,6 @@ def pipeline(modules, device: torch.device, memory: str = "resident", budget: in
 
 
 # ---------------------------------------------------------------- measurements
-def seconds(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def peak(device: torch.device, fn) -> tuple[float, str]:
     """(seconds, peak allocated) of one call."""
     if device.type == "cuda":
@@ -269,18 +261,7 @@ def budget_tasks(pipe: LancePipeline, scale: Scale, device: torch.device, limit:
 def release_plans(gib: list[float]) -> None:
     """The release's weights per group in bf16 (built on the meta device: no memory) and the plan each budget
     picks with the working reserve of a 768^2 image (vram_plan.py's arithmetic; the budgets section runs them)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
-    vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
-    tmp = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps({**vit_raw, **REAL_VIT}))
-    from lance_model.checkpoint import load_torch_state_dict
-    tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
-    with torch.device("meta"):
-        llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM})).to(torch.bfloat16)
-        vit = Qwen2_5_VisionTransformerPretrainedModel(load_vit_config(tmp)).to(torch.bfloat16)
-    vae = _build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE}).to(torch.bfloat16)
+    llm, vit, vae = release_architecture(torch.bfloat16)
     sizes = WeightBytes.of(llm, vit, vae)
     work = working_reserve(llm.config, RELEASE_VAE["decoder_base_dim"], torch.bfloat16)
     print(f"release weights (bf16): understanding expert {readable(sizes.und)}, generation expert "
@@ -377,11 +358,11 @@ def main() -> int:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {'smoke (CPU, toy sizes)' if args.smoke else 'release configuration'}, {dtype}")
     machine(device, dtype)
-    release_plans([float(g) for g in args.budget_gib.split(",")])
+    gib = [float(g) for g in args.budget_gib.split(",")]
+    release_plans(gib)
     modules = random_modules(args.smoke, dtype)
     print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
-    run_sections(modules, scale, device, skip, [float(g) for g in args.budget_gib.split(",")], args.smoke,
-                 args.compile)
+    run_sections(modules, scale, device, skip, gib, args.smoke, args.compile)
     step, token = op_counts()
     print(f"total {time.perf_counter() - started:.0f} s")
     print(f"ops per layer-step {step:.1f}, ops per layer-token {token:.1f}")

@@ -21,17 +21,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one call, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed(fn, device: torch.device, repeat: int = 3) -> float:
     """Best-of-`repeat` wall time in seconds (after one warm-up call)."""
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(seconds(fn, device) for _ in range(repeat))
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
