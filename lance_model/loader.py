@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from .attention import Attention
 from .checkpoint import (ReleasePaths, assert_no_meta, check_state_keys, materialize, resolve_release,
@@ -15,16 +14,16 @@ from .checkpoint import (ReleasePaths, assert_no_meta, check_state_keys, materia
 from .config import LLMConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
-from .llm import LanceLLM, MoTDecoderLayer
-from .ops import TorchOps
 from .fp8 import EXPERTS
+from .llm import LanceLLM, MoTDecoderLayer
 from .memory import readable
+from .ops import TorchOps
 from .session import MEMORY_MODES, LanceSession
-from .streaming import LayerStreamer
 from .size_check import check_elements, check_layers, file_elements, layer_count, numel
+from .streaming import LayerStreamer
 from .tokenizer import LanceTokenizer
-from .vae import load_vae
 from .validation import require_bool, require_int
+from .vae import load_vae
 from .vit import check_vit_files, load_vit
 from .vram_plan import RESERVE_IMAGE_SIDE, VramPlan, WeightBytes, apply_plan, choose_plan, device_budget, working_reserve
 
