@@ -1,6 +1,7 @@
 """One whole generation run: noise, the up-front memory estimate, sampling, decoding and the result."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -130,8 +131,7 @@ def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> 
     session.free_after_sampling()
     log.warning("VAE decode ran out of memory (%s): retrying tiled after freeing the sampling's memory", first)
     try:
-        with session.vae.tiled():
-            return decode(session, sampled.latents, cancel)
+        return decode(session, sampled.latents, cancel, tiled=True)
     except (torch.OutOfMemoryError, OutOfMemory) as exc:
         second = first_line(exc, type(exc).__name__)
     session.free_after_sampling()
@@ -140,16 +140,18 @@ def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> 
                             f"the node's saved LATENT): decode them later, tiled, or on a larger device", sampled)
 
 
-def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None,
+           tiled: bool = False) -> torch.Tensor:
     """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32); `cancel` is polled
-    before every latent frame."""
+    before every latent frame; `tiled`: the VAE decodes in spatial tiles (less memory, slightly other pixels)."""
     check_latents(session, latents, "latents")
     require_callable(cancel, "cancel")
-    estimate_ = Estimate()
-    add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
-    session.check(estimate_)
-    with session.running(session.vae.module, cancel), torch.inference_mode():
-        pixels = session.vae.decode(latents)
+    with session.vae.tiled() if tiled else contextlib.nullcontext():
+        estimate_ = Estimate()
+        add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
+        session.check(estimate_)
+        with session.running(session.vae.module, cancel), torch.inference_mode():
+            pixels = session.vae.decode(latents)
     return ((pixels.cpu() + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()
 
 

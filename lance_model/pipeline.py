@@ -6,12 +6,13 @@ normalized (model space) and un-normalized (`comfy_latent()`, the layout ComfyUI
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import generation, prepare, text_generation
+from . import encoders, generation, prepare, text_generation
 from .context import LanceContext
 from .generation import GenerationResult
 from .loader import load_session
@@ -114,18 +115,30 @@ class LancePipeline:
         return generation.run(self.session, "video_edit", instruction, inputs, settings)
 
     @task
-    def decode_latents(self, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, cancel: Callable[[], bool] | None = None,
+                       tiled: bool = False) -> torch.Tensor:
         """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32). At most the model's
-        latent size per side and latent frames; `cancel` is polled before every latent frame."""
-        return generation.decode(self.session, latents, cancel)
+        latent size per side and latent frames; `cancel` is polled before every latent frame; `tiled` decodes in
+        spatial tiles (less memory; the pixels differ slightly from the reference)."""
+        return generation.decode(self.session, latents, cancel, tiled=tiled)
 
     @task
     def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None,
-                           what: str = "latents") -> torch.Tensor:
+                           what: str = "latents", tiled: bool = False) -> torch.Tensor:
         """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3]; checked like
         decode_latents before anything is computed from them. `what` names the input in errors."""
         generation.check_latents(self.session, samples, what)
-        return generation.decode(self.session, self.vae.normalize(samples), cancel)
+        return generation.decode(self.session, self.vae.normalize(samples), cancel, tiled=tiled)
+
+    @task
+    def encode_raw_latents(self, frames: torch.Tensor, cancel: Callable[[], bool] | None = None,
+                           what: str = "frames", tiled: bool = False) -> torch.Tensor:
+        """The inverse of decode_raw_latents: frames [T, H, W, 3] in 0..1 (T = 4k+1, H and W multiples of 16) ->
+        un-normalized Wan2.2 latents [1, C, t, h, w], the VAE posterior mean (CPU, fp32). No resizing: the
+        frames are encoded as given. `what` names the input in errors."""
+        encoders.check_frames(self.session, frames, what)
+        with self.vae.tiled() if tiled else contextlib.nullcontext():
+            return encoders.raw_latents(self.session, frames, cancel)
 
     # -- understanding ----------------------------------------------------------------------------------
     @task

@@ -5,7 +5,7 @@ LoRA via ModelPatcher...). The all-in-one nodes (LanceT2I, LanceEdit, ...) stay 
     Lance Loader -> Lance Conditioning -> positive, negative, LATENT -> KSampler (euler, lance_flow)
                                                                       or SamplerCustomAdvanced(Lance Noise,
                                                                       CFGGuider, euler, Lance Scheduler)
-    -> core VAEDecode (Wan2.2 VAE) or Lance Decode
+    -> core VAEDecode (the VAE output of Lance Model) or Lance Decode
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .library import lance_model
 from .native_model import conditioning, is_lance_patcher, request_of
 from .native_sampling import LanceNoise, apply_guidance, edit_guider, guidance_options, lance_flow_sigmas, \
     register_scheduler
+from .native_vae import LanceCoreVAE
 from .nodes import CATEGORY, CFG_RENORM, IMAGE_RESOLUTIONS, MAX_FRAMES, MAX_SIZE, SEED_MAX, SIZE_STEP, \
     VIDEO_RESOLUTIONS, LanceModelType
 
@@ -46,15 +47,19 @@ class LanceModelNode(io.ComfyNode):
         return schema(
             node_id="LanceModel", display_name="Lance Model", category=NATIVE_CATEGORY,
             description="The loaded Lance as a core MODEL for KSampler / SamplerCustomAdvanced, LoRA loaders, "
-                        "EasyCache... It shares one ModelPatcher with the all-in-one Lance nodes.",
+                        "EasyCache..., and its Wan2.2 VAE as a core VAE for VAE Decode / VAE Encode. Both share "
+                        "the weights (and one ModelPatcher) with the all-in-one Lance nodes.",
             inputs=[LanceModelType.Input("model", tooltip="The model from a Lance Loader node (memory_mode resident).")],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL"),
+                     io.Vae.Output(display_name="VAE", tooltip="The release's Wan2.2 VAE (no file in models/vae "
+                                                               "needed); decodes exactly as Lance Decode.")],
         )
 
     @classmethod
     @node_errors
     def execute(cls, model):
-        return io.NodeOutput(native_patcher(model))
+        patcher = native_patcher(model)
+        return io.NodeOutput(patcher, LanceCoreVAE(model))
 
 
 def build_conditioning(pipe, inputs, batch_size: int = 1):

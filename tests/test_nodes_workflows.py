@@ -11,7 +11,7 @@ from tests.fixtures.comfy_env import INPUT_IMAGE, INPUT_VIDEO, RELEASE_NAME, REP
 TASKS = ["t2i", "t2v", "i2v", "image_edit", "subject_driven", "video_edit", "multi_turn_edit", "understand_image",
          "understand_video", "understand_edit", "native_t2i", "native_i2v", "native_image_edit"]
 CORE = {"LoadImage", "SaveImage", "LoadVideo", "GetVideoComponents", "SaveVideo", "KSampler", "SamplerCustomAdvanced",
-        "CFGGuider", "KSamplerSelect", "VAELoader", "VAEDecode", "CreateVideo"}
+        "CFGGuider", "KSamplerSelect", "VAEDecode", "CreateVideo"}
 UI_DIR = REPO_ROOT / "example_workflows"
 API_DIR = REPO_ROOT / "workflows" / "api"
 PREVIEW_MAX_SIDE = 512          # template-browser thumbnails: small files, not full screenshots

@@ -48,6 +48,20 @@ def test_encode_parity(golden, vae, task):
     assert_close(logvar, expected_logvar, golden.tolerance("vae_encode/log_var.0"), f"{task} vae_encode/log_var.0")
 
 
+@pytest.mark.parametrize("task", ["image_edit", "video_edit"])
+def test_pipeline_raw_latent_encode_is_the_official_posterior_mean(golden, pipe, task):
+    """encode_raw_latents (what core VAEEncode runs through Lance Model's VAE) on the official VAE pixels gives the
+    official mu, un-normalized; decode_raw_latents takes it back to frames of the same size."""
+    vae_side, _ = media.preset_sides(golden.hyper(task)["resolution"])
+    pixels = media.vae_pixels(golden.input_media(task), vae_side)
+    frames = ((pixels + 1) / 2).permute(1, 2, 3, 0)
+    raw = pipe.encode_raw_latents(frames)
+    expected_mu = _channels_first(golden.tensors(task)["vae_encode/mu.0"])
+    assert_close(pipe.vae.normalize(raw), expected_mu, golden.tolerance("vae_encode/mu.0"), f"{task} raw encode")
+    decoded = pipe.decode_raw_latents(raw)
+    assert decoded.shape == (1, *frames.shape)
+
+
 # ------------------------------------------------------------------------------------------- decode
 
 TARGET_LATENT = {"t2i": "out/latent.0", "t2v": "out/latent.0", "i2v": "out/latent.0",
