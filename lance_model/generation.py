@@ -1,7 +1,6 @@
 """One whole generation run: noise, the up-front memory estimate, sampling, decoding and the result."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -146,7 +145,7 @@ def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bo
     before every latent frame; `tiled`: the VAE decodes in spatial tiles (less memory, slightly other pixels)."""
     check_latents(session, latents, "latents")
     require_callable(cancel, "cancel")
-    with session.vae.tiled() if tiled else contextlib.nullcontext():
+    with session.vae.tiled(tiled):
         estimate_ = Estimate()
         add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
         session.check(estimate_)

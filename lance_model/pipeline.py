@@ -6,7 +6,6 @@ normalized (model space) and un-normalized (`comfy_latent()`, the layout ComfyUI
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -137,7 +136,7 @@ class LancePipeline:
         un-normalized Wan2.2 latents [1, C, t, h, w], the VAE posterior mean (CPU, fp32). No resizing: the
         frames are encoded as given. `what` names the input in errors."""
         encoders.check_frames(self.session, frames, what)
-        with self.vae.tiled() if tiled else contextlib.nullcontext():
+        with self.vae.tiled(tiled):
             return encoders.raw_latents(self.session, frames, cancel)
 
     # -- understanding ----------------------------------------------------------------------------------

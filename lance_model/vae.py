@@ -170,14 +170,16 @@ class LanceVAE(ModuleHandle):
         self.module.disable_tiling()
 
     @contextlib.contextmanager
-    def tiled(self):
-        """Tiled while inside (a memory fallback); the previous setting afterwards."""
+    def tiled(self, enabled: bool = True):
+        """Tiled while inside (a memory fallback, or asked for); the previous setting afterwards. enabled=False
+        leaves the setting as it is, so callers with a tiled flag need no second branch."""
         was = self.tiling_enabled
-        self.enable_tiling()
+        if enabled:
+            self.enable_tiling()
         try:
             yield
         finally:
-            if not was:
+            if enabled and not was:
                 self.disable_tiling()
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,7 +74,7 @@ class LanceCoreVAE(comfy.sd.VAE):
         """As core's Wan2.2 VAE: the frames are center-cropped to whole latent cells and only the first 4k+1
         frames are encoded."""
         frames = runtime.check_video(pixels, "pixels", min_frames=1)
-        step, side = self.upscale_index_formula[:2]
+        step, side = self.pipe.vae.temporal_factor, self.pipe.vae.spatial_factor
         if min(frames.shape[1:3]) < side:
             raise input_error(f"pixels: {frames.shape[2]}x{frames.shape[1]} px is smaller than one latent cell "
                               f"({side}x{side} px)")
