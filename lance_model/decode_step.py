@@ -3,17 +3,25 @@
 A step embeds the current token, runs the layers against the preallocated KV cache (the new key/value stored at
 the slot tensor's position, attention over the whole capacity under a validity mask), and chooses the next token
 on the device (TokenChooser): only the token id ever needs to reach the host, and only when the caller reads it.
-With greedy decoding on CUDA the whole step is captured once as a CUDA graph and replayed per token; elsewhere the
-same step runs eagerly (the path the CPU tests check).
+With greedy decoding on CUDA, when every LLM weight sits on the execution device, the whole step is captured once
+as a CUDA graph and replayed per token (device_backend.py: on the CPU the same capture and replay path runs
+eagerly, which the rehearsal tests check); otherwise, or when a capture fails, the step runs eagerly.
 """
 from __future__ import annotations
 
-import torch
+import logging
 
+import torch
+from torch import nn
+
+from .device_backend import HostBackend, backend_for
+from .devices import indexed
+from .errors import first_line
 from .kv_cache import KVCache
 from .llm import UND, LanceLLM
 from .positions import Rope
 
+log = logging.getLogger(__name__)
 
 class TokenChooser:
     """The next token from logits [1, 1, V] on their device: greedy (argmax), or temperature / top-k / top-p
@@ -76,7 +84,7 @@ class DecodeStep:
     """Generates token after token into `ids` (indexed by cache slot) from the prompt prefilled into `cache`."""
 
     def __init__(self, llm: LanceLLM, cache: KVCache, prompt_len: int, first_position: int, chooser: TokenChooser,
-                 use_graph: bool):
+                 use_graph: bool, backend: HostBackend | None = None):
         device, capacity = llm.device, cache.capacity
         self.llm, self.chooser, self.prompt_len = llm, chooser, prompt_len
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -87,7 +95,8 @@ class DecodeStep:
         slots = torch.arange(capacity, device=device) - prompt_len + first_position   # rope position of each slot
         self.rope = Rope.of(*llm.rotary(slots.view(1, 1, -1).expand(1, 3, -1)))
         self.attend = SlotAttention(llm, cache, self.slot, self.valid)
-        self.graph = self.logits = None
+        self.backend = backend or backend_for(device)
+        self.graph = None
         self.use_graph = use_graph and chooser.greedy
 
     def first(self, logits: torch.Tensor) -> None:
@@ -96,12 +105,11 @@ class DecodeStep:
 
     def __call__(self) -> torch.Tensor:
         """Feed the current token, choose the next; returns the logits it was chosen from [1, 1, V]."""
-        if not self.use_graph:
-            return self._step()
-        if self.graph is None:
+        if self.use_graph and self.graph is None:
             self._capture()
-        self.graph.replay()
-        return self.logits
+        if self.graph is None:
+            return self._step()
+        return self.graph.replay()
 
     def read(self, start: int, stop: int) -> list[int]:
         """Generated tokens start .. stop - 1 (one copy to the host)."""
@@ -122,22 +130,40 @@ class DecodeStep:
         return logits
 
     def _capture(self) -> None:
-        """Warm up on a side stream (lazy inits, autotuning), as CUDA graphs require, then capture one step. The
-        warm-up steps' state changes are undone: their cache writes land in slots that stay masked until the real
-        steps rewrite them."""
-        saved = [t.clone() for t in (self.token, self.slot, self.valid, self.ids)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip((self.token, self.slot, self.valid, self.ids), saved):
-            tensor.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        """One step as a graph (device_backend.capture: its warm-up steps and the capture leave the step's state
+        as it was; their cache writes land in the slot the first replay rewrites). A capture the device refuses
+        (a weight a host still copies in per call, say) leaves the steps eager, with one log line."""
+        try:
+            self.graph = self.backend.capture(self._step, [self.token, self.slot, self.valid, self.ids])
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture of the decode step failed (%s): decoding runs eagerly", first_line(exc))
+            self.use_graph = False
+
+
+# What a host that manages weights itself leaves on a module while it casts them in per call (ComfyUI's ops:
+# weight/bias functions such as low-VRAM LoRA patches; `_v`, a Dynamic VRAM weight buffer that may be evicted
+# between calls). A captured graph would bake in one call's copies, and copies from pageable host memory are not
+# even allowed while a stream captures.
+HOST_CAST_MARKERS = ("weight_function", "bias_function")
+HOST_BUFFER_MARKER = "_v"
+
+
+def static_weights(module: nn.Module, device: torch.device) -> bool:
+    """True when every weight and buffer of `module` already sits on `device` and no host casts it per call: the
+    precondition of replaying a captured graph over it."""
+    device = indexed(device)
+    for sub in module.modules():
+        if hasattr(sub, HOST_BUFFER_MARKER) or any(getattr(sub, name, None) for name in HOST_CAST_MARKERS):
+            return False
+        for tensor in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)):
+            if tensor.device != device:
+                return False
+    return True
 
 
 def cuda_graphs_usable(llm: LanceLLM) -> bool:
-    return llm.device.type == "cuda" and torch.cuda.is_available()
+    """A CUDA device, and the LLM's weights all resident there (not under a host's partial or dynamic loading,
+    not streamed)."""
+    return llm.device.type == "cuda" and torch.cuda.is_available() and static_weights(llm, llm.device)

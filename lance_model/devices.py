@@ -15,11 +15,21 @@ DTYPE_NAMES = {
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
+def indexed(device: torch.device) -> torch.device:
+    """A CUDA device always with its index (`cuda` -> `cuda:N`, N the current device): several torch.cuda calls
+    (get/set_per_process_memory_fraction among them) refuse an index-less device, and streams, graphs and caches
+    belong to one device. Other devices unchanged."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resolve_device(device: str | torch.device | None = None, what: str = "device") -> torch.device:
-    """"auto"/None -> cuda if available else cpu. Another device type (meta, xla, ...) or a CUDA/MPS device the
-    machine lacks is an InputError naming `what`."""
+    """"auto"/None -> cuda if available else cpu; CUDA always as `cuda:N` (indexed). Another device type (meta,
+    xla, ...) or a CUDA/MPS device the machine lacks is an InputError naming `what`."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return indexed(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
     expected = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
     if not isinstance(device, (str, torch.device)):
         raise InputError(f"{what} must be a device name or torch.device ({expected}), got {type(device).__name__}")
@@ -35,6 +45,7 @@ def resolve_device(device: str | torch.device | None = None, what: str = "device
             raise InputError(f"{what} {device!r} requested but CUDA is not available on this machine (use 'cpu' or 'auto')")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InputError(f"{what} {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return indexed(resolved)
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"{what} {device!r} requested but MPS is not available on this machine")
     return resolved

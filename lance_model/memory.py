@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .config import LLMConfig
+from .devices import indexed
 from .errors import OutOfMemory
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ def available_bytes(device: torch.device) -> int | None:
     a per-process fraction when one is set); on CPU MemAvailable from /proc/meminfo. None where unknown (then
     nothing is refused)."""
     if device.type == "cuda":
+        device = indexed(device)
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         available = free + torch.cuda.memory_reserved(device) - allocated
+        # newer torch only; it requires the index, as set_per_process_memory_fraction does
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
         return int(min(available, fraction * total - allocated))
     if device.type == "cpu":

@@ -14,32 +14,32 @@ import contextlib
 import torch
 from torch import nn
 
+from .device_backend import HostBackend, backend_for
+
 
 class LayerStreamer:
-    def __init__(self, layers: nn.ModuleList, groups: list[list[nn.Module]], device: torch.device, ahead: int = 2):
+    def __init__(self, layers: nn.ModuleList, groups: list[list[nn.Module]], device: torch.device, ahead: int = 2,
+                 backend: HostBackend | None = None):
         """`groups[i]`: the modules of decoder layer i whose parameters stream (the same structure every layer)."""
-        self.layers, self.device = layers, torch.device(device)
+        self.layers = layers
+        self.backend = backend or backend_for(device)
+        self.device = self.backend.device
         self.params = [[p for module in group for p in module.parameters()] for group in groups]
         shapes = [(p.shape, p.dtype) for p in self.params[0]]
         if any([(p.shape, p.dtype) for p in params] != shapes for params in self.params):
             raise ValueError("streamed layers must all have the same parameter shapes and dtypes")
-        self.cuda = self.device.type == "cuda"
-        self.host = [[self._host_copy(p) for p in params] for params in self.params]
+        self.host = [[self.backend.pin(p.detach().to("cpu")) for p in params] for params in self.params]
         self.slots = [[torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in shapes]
                       for _ in range(min(ahead + 1, len(self.params)))]
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.copy_stream = self.backend.side_stream()
         self.loaded = [None] * len(self.slots)          # which layer each slot holds
-        self.copied = [None] * len(self.slots)          # CUDA events: the slot's copy finished
-        self.released = [None] * len(self.slots)        # CUDA events: the last compute reading the slot finished
+        self.copied = [None] * len(self.slots)          # events: the slot's copy finished
+        self.released = [None] * len(self.slots)        # events: the last compute reading the slot finished
         self._unbind()
 
     @property
     def slot_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
-
-    def _host_copy(self, param: nn.Parameter) -> torch.Tensor:
-        host = param.detach().to("cpu")
-        return host.pin_memory() if self.cuda else host
 
     def _unbind(self) -> None:
         """Between runs the parameters point at their host copies (no device memory held)."""
@@ -57,9 +57,12 @@ class LayerStreamer:
         finally:
             for handle in handles:
                 handle.remove()
-            if self.cuda:
-                torch.cuda.current_stream(self.device).synchronize()
+            # nothing may still read or fill a slot when the run ends (the next run starts from empty slots)
+            self.backend.synchronize(self.copy_stream)
+            self.backend.synchronize()
             self.loaded = [None] * len(self.slots)
+            self.copied = [None] * len(self.slots)
+            self.released = [None] * len(self.slots)
             self._unbind()
 
     def _slot_of(self, layer: int) -> int:
@@ -70,44 +73,39 @@ class LayerStreamer:
             slot = self._slot_of(layer)
             if self.loaded[slot] != layer:
                 self._copy(layer)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+            self.backend.wait_event(self.copied[slot])
             for param, tensor in zip(self.params[layer], self.slots[slot]):
                 param.data = tensor
             for ahead in range(1, len(self.slots)):   # prefetch the next layers into the other slots
                 following = (layer + ahead) % len(self.layers)
-                if self.loaded[self._slot_of(following)] != following:
+                # past the last layer the next pass's first layers come; when the layer count is not a multiple
+                # of the slot count one of them maps to the slot this layer is about to read: it waits
+                if self._slot_of(following) != slot and self.loaded[self._slot_of(following)] != following:
                     self._copy(following)
         return hook
 
     def _after(self, layer: int):
         def hook(module, args, output):
             slot = self._slot_of(layer)
-            if self.cuda:
-                self.released[slot] = torch.cuda.Event()
-                self.released[slot].record(torch.cuda.current_stream(self.device))
+            self.released[slot] = self.backend.record()
             for param, tensor in zip(self.params[layer], self.host[layer]):
                 param.data = tensor
         return hook
 
     def _copy(self, layer: int) -> None:
+        """Fill the layer's slot on the copy stream, after the compute that last read the slot."""
         slot = self._slot_of(layer)
-        if not self.cuda:
+        with self.backend.on(self.copy_stream):
+            self.backend.wait_event(self.released[slot], self.copy_stream)
             for target, source in zip(self.slots[slot], self.host[layer]):
-                target.copy_(source)
-        else:
-            with torch.cuda.stream(self.copy_stream):
-                if self.released[slot] is not None:
-                    self.copy_stream.wait_event(self.released[slot])
-                for target, source in zip(self.slots[slot], self.host[layer]):
-                    target.copy_(source, non_blocking=True)
-                self.copied[slot] = torch.cuda.Event()
-                self.copied[slot].record(self.copy_stream)
+                target.copy_(source, non_blocking=self.backend.asynchronous)
+            self.copied[slot] = self.backend.record(self.copy_stream)
         self.loaded[slot] = layer
 
 
-def stream_experts(llm: nn.Module, experts: tuple[str, ...], device: torch.device, ahead: int = 2) -> LayerStreamer:
+def stream_experts(llm: nn.Module, experts: tuple[str, ...], device: torch.device, ahead: int = 2,
+                   backend: HostBackend | None = None) -> LayerStreamer:
     """A streamer for the named experts of every decoder layer of `llm` (their weights move to host memory)."""
     layers = llm.language_model.model.layers
     groups = [[m for expert in experts for m in layer.expert_modules(expert == "gen")] for layer in layers]
-    return LayerStreamer(layers, groups, device, ahead)
+    return LayerStreamer(layers, groups, device, ahead, backend)

@@ -84,7 +84,7 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
         step = DecodeStep(llm, cache, prompt_len, int(seq.positions[:, -1].max()) + 1, chooser,
                           cuda_graphs_usable(llm) if cuda_graph is None else cuda_graph)
         step.first(logits)
-        kept = [logits[0, 0].cpu()] if keep_logits else []
+        kept = [logits[0, 0].to("cpu", copy=True)] if keep_logits else []
         ids, chosen = [], 1
         while True:
             if on_token is not None or chosen - len(ids) >= STOP_CHECK_TOKENS or chosen == max_new_tokens:
@@ -101,4 +101,4 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
             logits = step()
             chosen += 1
             if keep_logits:
-                kept.append(logits[0, 0].cpu())
+                kept.append(logits[0, 0].to("cpu", copy=True))   # a graph replay overwrites its logits

@@ -84,3 +84,85 @@ def test_cuda_graph_decode_matches_eager(golden, dtype, request):
                    cuda_graph=graph, keep_logits=True) for graph in (True, False)]
     assert runs[0].ids == runs[1].ids
     assert_close(runs[0].logits, runs[1].logits, 1e-5 if dtype == "fp32" else 1e-2, f"cuda graph vs eager decode ({dtype})")
+
+
+# ---------------------------------------------------------------- issue #25: every GPU feature once on a GPU
+def greedy_answer(pipe, max_new_tokens: int, cuda_graph: bool):
+    from lance_model.understanding import decode, prompt_embeddings, understanding_sequence
+
+    seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
+    return decode(pipe.llm, seq, prompt_embeddings(pipe.llm, seq, []), max_new_tokens=max_new_tokens, stop_ids=set(),
+                  vocab_limit=pipe.tokenizer.vocab_limit, cuda_graph=cuda_graph, keep_logits=True)
+
+
+def test_cuda_devices_resolve_with_their_index(cuda_fp32):
+    """`device="cuda"` becomes cuda:N, so every memory query (session.check, first act of every task) works."""
+    from lance_model.memory import Estimate
+
+    assert cuda_fp32.device.index == torch.cuda.current_device()
+    cuda_fp32.session.check(Estimate().add("sampling", "KV cache", 1))
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
+def test_cuda_graph_decode_of_the_shortest_answers(cuda_fp32, max_new_tokens):
+    """The capture's warm-up must stay inside the step's buffers (2 tokens used to write one row past `ids`: a
+    device-side assert that kills the CUDA context)."""
+    graphed, eager = (greedy_answer(cuda_fp32, max_new_tokens, graph) for graph in (True, False))
+    assert graphed.ids == eager.ids
+    assert_close(graphed.logits, eager.logits, 1e-5, f"cuda graph vs eager, {max_new_tokens} tokens")
+    torch.cuda.synchronize()   # a device-side assert would surface here
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_graph_on_a_second_device(golden):
+    """The model on cuda:1 while cuda:0 is current: streams and the capture belong to cuda:1 (else the graph
+    records nothing and its replays leave the logits unchanged)."""
+    from lance_model import load_lance
+
+    torch.cuda.set_device(0)
+    pipe = load_lance(golden.checkpoint, dtype="fp32", device="cuda:1")
+    graphed, eager = (greedy_answer(pipe, 6, graph) for graph in (True, False))
+    assert graphed.ids == eager.ids
+    assert_close(graphed.logits, eager.logits, 1e-5, "cuda:1 graph vs eager")
+
+
+def test_cuda_stream_equals_resident(golden, cuda_fp32):
+    """memory="stream": the copy stream, events and pinned host copies give the resident results bit for bit."""
+    from lance_model import load_lance
+
+    streamed = load_lance(golden.checkpoint, dtype="fp32", device="cuda", memory="stream")
+    options = dict(width=64, height=64, steps=3, seed=1)
+    a, b = streamed.text_to_image("a red cat", **options), cuda_fp32.text_to_image("a red cat", **options)
+    assert torch.equal(a.latents, b.latents)
+    question = dict(question="What is a cat?", max_new_tokens=8)
+    assert streamed.understand(None, **question).token_ids == cuda_fp32.understand(None, **question).token_ids
+
+
+def test_cuda_fp8_storage_computes_in_bf16(golden, cuda_bf16):
+    """fp8 weights (understanding expert) dequantized to bf16 per layer: the task runs, finite and close."""
+    from lance_model import load_lance
+
+    fp8 = load_lance(golden.checkpoint, dtype="bf16", device="cuda", fp8=("und",))
+    options = dict(width=64, height=64, steps=3, seed=1)
+    ours, reference = fp8.text_to_image("a red cat", **options), cuda_bf16.text_to_image("a red cat", **options)
+    assert torch.isfinite(ours.frames).all()
+    mse = float(((ours.frames - reference.frames) ** 2).mean())
+    assert mse < 10 ** -3.5, f"fp8 frames off bf16 by mse {mse:.2e} (PSNR gate 35 dB)"
+
+
+@pytest.mark.parametrize("cap_gib", [8, 12, 16])
+def test_cuda_auto_plan_under_a_memory_cap(golden, cap_gib):
+    """memory="auto" reads the capped allocator (get_per_process_memory_fraction needs an indexed device): the plan
+    is chosen and a generation and an answer run under the cap."""
+    from lance_model import load_lance
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(cap_gib * 2 ** 30 / total, 1.0), device)
+    try:
+        pipe = load_lance(golden.checkpoint, dtype="bf16", device="cuda", memory="auto")
+        assert pipe.plan is not None
+        assert torch.isfinite(pipe.text_to_image("a red cat", width=64, height=64, steps=2, seed=1).frames).all()
+        assert pipe.understand(None, "What is a cat?", max_new_tokens=4).token_ids
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

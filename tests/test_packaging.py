@@ -110,3 +110,10 @@ def test_requirements_install_into_the_comfyui_python_changes_nothing(tmp_path):
     check = subprocess.run([str(host.python), "-m", "pip", "check", "--disable-pip-version-check"],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_torch_floor_normalizes_half_precision_in_fp32():
+    """ops.RMSNorm is torch's F.rms_norm, which normalizes bf16/fp16 inputs in fp32 only from torch 2.5 on."""
+    floor = next(d for d in PYPROJECT["project"]["dependencies"] if _name(d) == "torch")
+    version = tuple(int(part) for part in floor.split(">=")[1].split("."))
+    assert version >= (2, 5), floor
