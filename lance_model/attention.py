@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from .errors import InputError
 
 BACKENDS = ("auto", "sdpa", "flash")
-_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa argument
 
 
 def flash_attn_available() -> bool:
@@ -52,12 +51,7 @@ def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> to
 
 
 def _sdpa(q, k, v, mask):
-    if q.shape[1] != k.shape[1]:
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _flash(q, k, v, causal):
