@@ -4,12 +4,13 @@ Streamed weights (side copy stream, events, pinned host memory) and the decode s
 side stream, capture, replay) are written once, against a backend: `CudaBackend` makes the CUDA calls, always
 under the module's own device (a model on cuda:1 must get streams and graphs of cuda:1, not of the current
 device); `HostBackend` is the same code on the CPU minus those calls: work is synchronous (no streams or events),
-nothing is pinned, and a "graph" runs its step again at every replay. So the CPU tests run the real arithmetic,
+nothing is page-locked, and a "graph" runs its step again at every replay. So the CPU tests run the real arithmetic,
 buffers and bookkeeping of every GPU path (the tests named `rehearsal`), and a GPU only has to confirm them.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
@@ -56,9 +57,10 @@ class HostBackend:
         """The host waits for `stream` (None: the current stream)."""
 
     # -- memory ----------------------------------------------------------------------------------------
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Host memory the device can copy from asynchronously (page-locked on CUDA)."""
-        return tensor
+    def register(self, tensor: torch.Tensor):
+        """Lets the device copy from host `tensor` asynchronously (on CUDA: page-locks its memory in place, no copy)
+        while the returned handle lives."""
+        return None
 
     def empty_cache(self) -> None:
         """Return the allocator's unused cached blocks to the device."""
@@ -149,8 +151,8 @@ class CudaBackend(HostBackend):
     def synchronize(self, stream=None) -> None:
         (stream if stream is not None else self.current_stream()).synchronize()
 
-    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory()
+    def register(self, tensor: torch.Tensor) -> "PageLock":
+        return PageLock(tensor)
 
     def empty_cache(self) -> None:
         with self.context():
@@ -161,6 +163,23 @@ class CudaBackend(HostBackend):
         with torch.cuda.graph(graph, stream=self.side_stream()):
             output = step()
         return CudaGraph(graph, output, self)
+
+
+class PageLock:
+    """Keeps a host tensor's memory page-locked (cudaHostRegister) while this object lives, and unlocks it before
+    the memory can be freed: the object holds the tensor, and its finalizer runs before its attributes go."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        if error != cudart.cudaError.success:
+            raise RuntimeError(f"cudaHostRegister failed: {cudart.cudaGetErrorString(error)}")
+        weakref.finalize(self, _unregister, tensor.data_ptr())
+
+
+def _unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 class CudaGraph(Graph):

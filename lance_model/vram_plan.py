@@ -131,7 +131,8 @@ def apply_plan(llm: nn.Module, plan: VramPlan, device: torch.device) -> LayerStr
     if plan.fp8:
         store_experts_in_fp8(llm, plan.fp8)
     streamer = stream_experts(llm, plan.stream, device, STREAM_AHEAD) if plan.stream else None
-    streamed = {id(p) for params in streamer.params for p in params} if streamer else set()
+    streamed = {id(p) for stream in streamer.experts.values() for params in stream.params for p in params} \
+        if streamer else set()
     for module in llm.modules():
         for param in module.parameters(recurse=False):
             if id(param) not in streamed:

@@ -220,52 +220,52 @@ class RecordingBackend(HostBackend):
         self.log.append(("synchronize", stream))
 
 
-def test_rehearsal_streamed_layers_wait_for_their_copy_and_copies_wait_for_the_compute(pipe, monkeypatch):
-    """Replays a streamed prefill's event log: each layer's compute waits for the event recorded after the copy
-    of THAT layer into its slot, each copy into a used slot waits for the event recorded after the last compute
-    that read the slot, and the run ends by draining both streams."""
+def test_rehearsal_streamed_layers_wait_for_their_copy_and_copies_wait_for_the_compute(pipe):
+    """Replays the event log of a streamed answer (prefill + decode steps): each expert's weights are bound for a
+    layer only after waiting for the event recorded after the copy of THAT layer into its slot; each copy into a
+    slot waits for the event recorded after the last compute that read the slot; the run ends by draining both
+    streams."""
     llm = copy.deepcopy(pipe.llm)
     backend = RecordingBackend(llm.device)
     streamer = stream_experts(llm, ("und", "gen"), llm.device, backend=backend)
-    copy_into = streamer._copy
-
-    def logged_copy(layer):
-        backend.log.append(("copy", layer, streamer._slot_of(layer)))
-        copy_into(layer)
-    monkeypatch.setattr(streamer, "_copy", logged_copy)
+    for name, stream in streamer.experts.items():
+        def logged(method, tag, name=name, stream=stream):
+            def call(layer, *args):
+                backend.log.append((tag, name, layer, stream.slot_of(layer)))
+                return method(layer, *args)
+            return call
+        stream.copy, stream.release = logged(stream.copy, "copy"), logged(stream.release, "release")
+        stream.bind = logged(stream.bind, "bind")
     seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
-    layers = llm.language_model.model.layers
     with streamer.active(), torch.inference_mode():
-        hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: backend.log.append(("compute", i)))
-                 for i, layer in enumerate(layers)]
-        greedy_out = decode(llm, seq, prompt_embeddings(llm, seq, []), max_new_tokens=3, stop_ids=set(),
-                            vocab_limit=pipe.tokenizer.vocab_limit, cuda_graph=False)
-        for hook in hooks:
-            hook.remove()
-    assert greedy_out.ids == greedy(pipe, 3, cuda_graph=False).ids
+        answer = decode(llm, seq, prompt_embeddings(llm, seq, []), max_new_tokens=3, stop_ids=set(),
+                        vocab_limit=pipe.tokenizer.vocab_limit, cuda_graph=False)
+    assert answer.ids == greedy(pipe, 3, cuda_graph=False).ids
 
-    copied, released, holds = {}, {}, {}       # slot -> its copy's event, its last compute's event, its layer
-    pending_copy = last_compute = None
-    computes = 0
-    for number, entry in enumerate(backend.log):
+    log = backend.log
+    copied, released, holds = {}, {}, {}   # (expert, slot) -> its copy's event, its last compute's event, its layer
+    binds, binding = 0, None
+    for number, entry in enumerate(log):
         if entry[0] == "copy":
-            pending_copy = entry[1:]
-            waits = backend.log[number + 1]
-            if entry[2] in released:
-                assert waits == ("wait", released[entry[2]], "copy"), (number, entry, waits)
-        elif entry[0] == "record" and entry[2] == "copy":
-            layer, slot = pending_copy
-            copied[slot], holds[slot] = entry[1], layer
-        elif entry[0] == "compute":
-            layer = entry[1]
-            slot = streamer._slot_of(layer)
-            waited = [e for e in backend.log[:number] if e[0] == "wait" and e[2] is None][-1]
-            assert holds[slot] == layer and waited == ("wait", copied[slot], None), (number, entry)
-            last_compute, computes = slot, computes + 1
-        elif entry[0] == "record" and entry[2] is None:
-            released[last_compute] = entry[1]
-    assert computes >= 2 * len(layers)
-    assert backend.log[-2:] == [("synchronize", "copy"), ("synchronize", None)]
+            key = entry[1], entry[3]
+            assert log[number + 1] == ("wait", released.get(key), "copy"), (number, entry)
+            record = log[number + 2]
+            assert record[0] == "record" and record[2] == "copy"
+            copied[key], holds[key] = record[1], entry[2]
+        elif entry[0] == "bind":   # its own copy, if the slot lacks the layer, comes first, then its wait
+            binding = entry
+        elif entry[0] == "wait" and entry[2] is None:
+            key = binding[1], binding[3]
+            assert holds[key] == binding[2] and entry == ("wait", copied[key], None), (number, binding)
+            binds, binding = binds + 1, None
+        elif entry[0] == "release":
+            record = log[number + 1]
+            assert record[0] == "record" and record[2] is None
+            released[entry[1], entry[3]] = record[1]
+    assert binds >= 2 * len(llm.language_model.model.layers)
+    assert log[-2:] == [("synchronize", "copy"), ("synchronize", None)]
+    # an answer runs the understanding expert only: the generation expert is never copied
+    assert streamer.copied_bytes["und"] > 0 and streamer.copied_bytes["gen"] == 0
 
 
 def llm_with_layers(pipe, layers: int) -> LanceLLM:

@@ -58,8 +58,37 @@ def test_stream_leaves_no_layer_weights_bound_to_a_slot_between_runs(golden):
     streamed = loaded(golden, memory="stream")
     streamed.text_to_image("a red cat", **SMALL)
     streamer = streamed.session.streamer
-    slot_pointers = {t.data_ptr() for slot in streamer.slots for t in slot}
-    assert not any(p.data_ptr() in slot_pointers for params in streamer.params for p in params)
+    slots = [(slot.data_ptr(), slot.data_ptr() + slot.numel()) for stream in streamer.experts.values()
+             for slot in stream.slots]
+    params = [p for stream in streamer.experts.values() for layer in stream.params for p in layer]
+    assert not any(start <= p.data_ptr() < end for p in params for start, end in slots)
+
+
+def test_stream_copies_only_the_experts_a_pass_runs(golden):
+    """An answer runs the understanding expert only: the generation expert is never copied. A denoising step
+    runs the generation expert over the latents and the understanding expert over the two marker rows: both."""
+    streamed = loaded(golden, memory="stream")
+    streamer = streamed.session.streamer
+    streamed.understand(None, "What is a cat?", max_new_tokens=4)
+    assert streamer.copied_bytes["und"] > 0 and streamer.copied_bytes["gen"] == 0
+    before = dict(streamer.copied_bytes)
+    streamed.text_to_image("a red cat", **SMALL)
+    assert all(streamer.copied_bytes[e] > before[e] for e in ("und", "gen"))
+
+
+def test_stream_host_slabs_hold_the_weights_once(golden):
+    """Each expert's weights of a layer are packed into one host slab (page-locked in place on CUDA), the
+    parameters rebound into it: the slabs' bytes are the streamed weights' bytes plus alignment, and no parameter
+    keeps its own storage beside its slab."""
+    streamed = loaded(golden, memory="stream")
+    streamer = streamed.session.streamer
+    weights = sum(p.numel() * p.element_size() for stream in streamer.experts.values()
+                  for layer in stream.params for p in layer)
+    assert weights <= streamer.host_bytes <= 1.05 * weights + 256 * sum(
+        len(layer) for stream in streamer.experts.values() for layer in stream.params)
+    for stream in streamer.experts.values():
+        for params, slab in zip(stream.params, stream.slabs):
+            assert all(p.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr() for p in params)
 
 
 # ---------------------------------------------------------------- fp8 storage and its quality gate
