@@ -60,8 +60,9 @@ with torch.inference_mode():
                               resolution="image_256res", max_new_tokens={tokens},
                               on_token=lambda _: marks.append(time.perf_counter()))
         end = time.perf_counter()
-        result.update(generate_total_s=end - start, num_generated=len(marks),
-                      token_s=[b - a for a, b in zip(marks, marks[1:])])
+        from lance_model.understanding import STREAM_CHUNK_TOKENS  # on_token: once per chunk of this many ids
+        result.update(generate_total_s=end - start, num_generated=len(out.token_ids),
+                      token_s=[(b - a) / STREAM_CHUNK_TOKENS for a, b in zip(marks, marks[1:])])
     else:
         on_step = lambda *_: marks.append(time.perf_counter())
         if task == "t2i":

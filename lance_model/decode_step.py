@@ -54,16 +54,22 @@ class TokenChooser:
         if options.temperature == 0:
             return scores.argmax()
         scores = scores / options.temperature
-        if options.top_k:
+        if options.top_k:   # masked_fill_, not boolean-mask assignment: that finds the mask's indices on the host
             kth = torch.topk(scores, min(options.top_k, scores.numel())).values[-1]
-            scores[scores < kth] = float("-inf")
+            scores.masked_fill_(scores < kth, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if options.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs > options.top_p
-            sorted_probs[outside] = 0
+            sorted_probs.masked_fill_(sorted_probs.cumsum(0) - sorted_probs > options.top_p, 0)
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return torch.multinomial(probs / probs.sum(), 1, generator=self.generator)[0]
+        return self._draw(probs / probs.sum())
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token drawn with probabilities `probs`: the index of the largest probs / Exp(1) noise. This is
+        torch.multinomial's own one-sample method (the same draws from the same generator), without its check of
+        the probabilities, which reads them on the host (a device sync per token on CUDA)."""
+        noise = torch.empty_like(probs).exponential_(1, generator=self.generator)
+        return (probs / noise).argmax()
 
 
 class SlotAttention:

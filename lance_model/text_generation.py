@@ -13,6 +13,7 @@ from .memory import Estimate, forward_activation_bytes, kv_cache_bytes
 from .packing import PackedSequence
 from .prepare import TextRequest
 from .session import LanceSession
+from .tokenizer import TextStream
 from .understanding import SamplingOptions, decode, prompt_embeddings
 from .validation import require_bool, require_callable, require_int
 
@@ -45,24 +46,25 @@ def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[t
                   cancel: Callable[[], bool] | None = None, stop_tokens: tuple[str, ...] = (),
                   keep_logits: bool = False) -> tuple[str, list[int], torch.Tensor | None]:
     """(text without stop tokens, generated ids, logits per step). Decoding stops at <|im_end|> or any of
-    `stop_tokens` (token strings of the vocabulary); `on_token` gets the text so far after every token."""
+    `stop_tokens` (token strings of the vocabulary); `on_token` gets the text so far every few tokens (once per
+    chunk of ids read from the device, understanding.STREAM_CHUNK_TOKENS), the last time with the whole answer."""
     require_callable(on_token, "on_token")
     check_request(session, seq, max_new_tokens, sampling, stop_tokens)
     tokenizer = session.tokenizer
     stop_ids = {tokenizer.special.im_end} | {tokenizer.token_id(token, "stop_tokens") for token in stop_tokens}
-    emitted: list[int] = []
+    stream = TextStream(tokenizer)
 
-    def token_hook(token: int) -> None:
-        emitted.append(token)
-        if on_token is not None:
-            on_token(tokenizer.decode([t for t in emitted if t not in stop_ids]))
+    def stream_text(ids: list[int]) -> None:
+        on_token(stream.push([t for t in ids if t not in stop_ids]))
     with session.running(session.llm, cancel):
         out = decode(session.llm, seq, prompt_embeddings(session.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids, vocab_limit=tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
-                     on_token=token_hook if on_token is not None else None, cancel=cancel, keep_logits=keep_logits,
+                     on_ids=stream_text if on_token is not None else None, cancel=cancel, keep_logits=keep_logits,
                      cuda_graph=False if session.streamer is not None else None)  # a graph would fix the slots
-    text = tokenizer.decode([t for t in out.ids if t not in stop_ids]).strip()
-    return text, out.ids, out.logits
+    text = tokenizer.decode([t for t in out.ids if t not in stop_ids])
+    if on_token is not None and text != stream.text:
+        on_token(text)   # an answer cut off inside a character: its held-back end, as the answer shows it
+    return text.strip(), out.ids, out.logits
 
 
 def check_request(session: LanceSession, seq: PackedSequence, max_new_tokens, sampling, stop_tokens) -> None:

@@ -89,3 +89,38 @@ class LanceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
+
+
+REPLACEMENT_CHARACTER = "\ufffd"   # what decoding gives for the bytes of an incomplete UTF-8 character
+
+
+class TextStream:
+    """The text of ids that arrive a few at a time (a streamed answer), decoding only a small window per push
+    rather than every id again: the new ids and up to CONTEXT_IDS ids before them, whose text is cut off again
+    (a decoder may treat a text's first token specially, e.g. drop its leading space). Byte-level BPE may split
+    one UTF-8 character over several tokens: the text shown ends at the last id that completes a character (a
+    window ending in U+FFFD is tried without its last ids), the rest waits for the ids that complete it."""
+
+    CONTEXT_IDS = 4
+    CHARACTER_BYTES = 4   # at most: the incomplete end of a character lies in the window's last 3 ids
+    MAX_HELD_IDS = 16     # ids still incomplete after this many are invalid bytes, shown as U+FFFD
+
+    def __init__(self, tokenizer: LanceTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0       # how many of the ids `text` holds
+        self.text = ""
+
+    def push(self, ids: list[int]) -> str:
+        """Append `ids`; -> the text so far, up to its last whole character."""
+        self.ids += ids
+        start = max(0, self.shown - self.CONTEXT_IDS)
+        context = self.tokenizer.decode(self.ids[start:self.shown])
+        invalid = len(self.ids) - self.shown >= self.MAX_HELD_IDS
+        for end in range(len(self.ids), max(self.shown, len(self.ids) - self.CHARACTER_BYTES), -1):
+            window = self.tokenizer.decode(self.ids[start:end])
+            if invalid or not window.endswith(REPLACEMENT_CHARACTER):
+                self.text += window[len(context):]
+                self.shown = end
+                break
+        return self.text

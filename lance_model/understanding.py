@@ -61,20 +61,23 @@ def prompt_embeddings(llm: LanceLLM, seq: PackedSequence, vit_embeds: list[torch
     return embeds
 
 
-STOP_CHECK_TOKENS = 16   # without a per-token callback, generated ids reach the host this many at a time
+STOP_CHECK_TOKENS = 16   # generated ids reach the host this many at a time (each read is a device sync) ...
+STREAM_CHUNK_TOKENS = 4  # ... or this many when they are streamed: new text every ~0.2 s at 0.05 s a token
 
 
 def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int],
            vocab_limit: int, sampling: SamplingOptions = SamplingOptions(),
-           on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+           on_ids: Callable[[list[int]], None] | None = None, cancel: Callable[[], bool] | None = None,
            cuda_graph: bool | None = None, keep_logits: bool = False) -> DecodeResult:
     """Prefill the prompt, then generate up to `max_new_tokens`, the tokens chosen on the device (decode_step.py).
-    The ids reach the host one at a time with `on_token`, else STOP_CHECK_TOKENS at a time (a stop token is then
-    found up to that many steps late; what follows it is dropped). `cuda_graph` (default: on CUDA, greedy)
-    replays the step as one CUDA graph; `keep_logits` returns every step's logits."""
+    The ids reach the host a chunk at a time: STREAM_CHUNK_TOKENS with `on_ids` (called with each chunk's ids),
+    else STOP_CHECK_TOKENS. A stop token is thus found up to a chunk late; what follows it is dropped, so the ids
+    (and logits) end at it all the same. `cuda_graph` (default: on CUDA, greedy) replays the step as one CUDA
+    graph; `keep_logits` returns every step's logits."""
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     sampling.validate()
+    chunk = STOP_CHECK_TOKENS if on_ids is None else STREAM_CHUNK_TOKENS
     prompt_len = len(seq)
     cache = llm.new_cache(1, prompt_len + max_new_tokens)
     chooser = TokenChooser(sampling, vocab_limit, llm.config.vocab_size, llm.device)
@@ -87,18 +90,24 @@ def decode(llm: LanceLLM, seq: PackedSequence, embeds: torch.Tensor, *, max_new_
         kept = [logits[0, 0].to("cpu", copy=True)] if keep_logits else []
         ids, chosen = [], 1
         while True:
-            if on_token is not None or chosen - len(ids) >= STOP_CHECK_TOKENS or chosen == max_new_tokens:
-                for token in step.read(len(ids), chosen):
-                    ids.append(token)
-                    if on_token is not None:
-                        on_token(token)
-                    if token in stop_ids:
-                        return DecodeResult(ids, torch.stack(kept[:len(ids)]) if keep_logits else None)
-            if chosen == max_new_tokens:
-                return DecodeResult(ids, torch.stack(kept) if keep_logits else None)
+            if chosen - len(ids) >= chunk or chosen == max_new_tokens:
+                new = up_to_stop(step.read(len(ids), chosen), stop_ids)
+                ids += new
+                if on_ids is not None:
+                    on_ids(new)
+                if ids[-1] in stop_ids or len(ids) == max_new_tokens:
+                    return DecodeResult(ids, torch.stack(kept[:len(ids)]) if keep_logits else None)
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {chosen} generated tokens")
             logits = step()
             chosen += 1
             if keep_logits:
                 kept.append(logits[0, 0].to("cpu", copy=True))   # a graph replay overwrites its logits
+
+
+def up_to_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    """`ids` up to and including the first stop id."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i + 1]
+    return ids

@@ -181,3 +181,61 @@ def test_cuda_flash_attention_tracks_sdpa(golden, cuda_bf16):
     (_, ours), (_, reference) = run(flash, golden, "t2i"), run(cuda_bf16, golden, "t2i")
     tol = 0.05 * float(golden.tensors("t2i")["denoise/v_cond_step0"].abs().max())
     assert_close(ours, reference, tol, "cuda flash vs sdpa v_cond")
+
+
+SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=3)
+
+
+def test_cuda_sampled_choice_reads_nothing_back(cuda_bf16):
+    """Top-k, top-p and the repetition penalty run on the device: choosing a token never syncs with the host."""
+    from lance_model import SamplingOptions
+    from lance_model.decode_step import TokenChooser
+
+    vocab, limit = cuda_bf16.config.vocab_size, cuda_bf16.tokenizer.vocab_limit
+    chooser = TokenChooser(SamplingOptions(**SAMPLED), limit, vocab, cuda_bf16.device)
+    logits = torch.randn(1, 1, vocab, device=cuda_bf16.device, dtype=torch.bfloat16)
+    torch.cuda.synchronize(cuda_bf16.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = [chooser(logits) for _ in range(4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(0 <= int(token) < limit for token in tokens)
+
+
+def test_cuda_sampled_understanding_is_seeded(cuda_bf16, golden):
+    from lance_model import SamplingOptions
+
+    instruction, question = x2t_request(golden, "x2t_image")
+    runs = [cuda_bf16.understand(golden.input_media("x2t_image"), question, instruction=instruction,
+                                 resolution="image_256res", max_new_tokens=12, sampling=SamplingOptions(**SAMPLED),
+                                 on_token=lambda _: None) for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and runs[0].text == runs[1].text
+    assert all(0 <= t < cuda_bf16.tokenizer.vocab_limit for t in runs[0].token_ids)
+
+
+def test_cuda_streamed_decode_ends_at_a_stop_token_inside_a_chunk(cuda_fp32, golden, monkeypatch):
+    """Greedy on CUDA (the CUDA-graph step) with on_token: ids read a chunk at a time, the stop token inside the
+    first chunk ends ids, logits and text there."""
+    import math
+
+    from lance_model.decode_step import DecodeStep
+    from lance_model.understanding import STREAM_CHUNK_TOKENS
+
+    reads, read = [], DecodeStep.read
+    monkeypatch.setattr(DecodeStep, "read", lambda self, start, stop: reads.append(stop) or read(self, start, stop))
+    instruction, question = x2t_request(golden, "x2t_image")
+    fx = golden.tensors("x2t_image")
+    ids = fx["out/generated_ids"].tolist()
+    end = ids.index(ids[1]) + 1
+    seen = []
+    out = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
+                               resolution="image_256res", max_new_tokens=len(ids), on_token=seen.append,
+                               stop_tokens=(cuda_fp32.tokenizer.hf.convert_ids_to_tokens(ids[1]),), return_logits=True)
+    assert out.token_ids == ids[:end] and len(reads) == math.ceil(end / STREAM_CHUNK_TOKENS)
+    assert_close(out.logits, fx["out/logits_all_steps"][:end], 2e-4, "cuda fp32 streamed x2t logits")
+    assert seen[-1] == cuda_fp32.tokenizer.decode(ids[:end - 1]) and out.text == seen[-1].strip()
+    reads.clear()
+    full = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
+                                resolution="image_256res", max_new_tokens=len(ids), on_token=seen.append)
+    assert full.token_ids == ids and len(reads) == math.ceil(len(ids) / STREAM_CHUNK_TOKENS)

@@ -1,4 +1,6 @@
 """x2t_image / x2t_video against the official fixtures: packed prompt, ViT embeddings, logits and greedy ids."""
+import math
+
 import pytest
 import torch
 
@@ -50,11 +52,15 @@ def test_x2t_text_is_decoded_ids(pipe, answers):
 
 
 def test_streaming_callback_sees_growing_text(pipe, golden):
+    """on_token gets the text so far once per chunk of STREAM_CHUNK_TOKENS ids, the last time the whole answer."""
+    from lance_model.understanding import STREAM_CHUNK_TOKENS
     seen = []
     instruction, question = x2t_request(golden, "x2t_image")
     result = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
-                             resolution="image_256res", max_new_tokens=4, on_token=seen.append)
-    assert len(seen) == len(result.token_ids)
+                             resolution="image_256res", max_new_tokens=2 * STREAM_CHUNK_TOKENS, on_token=seen.append)
+    chunks = math.ceil(len(result.token_ids) / STREAM_CHUNK_TOKENS)
+    assert chunks <= len(seen) <= chunks + 1
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
     assert seen[-1].strip() == result.text
 
 
