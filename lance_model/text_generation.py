@@ -59,8 +59,7 @@ def generate_text(session: LanceSession, seq: PackedSequence, vit_embeds: list[t
     with session.running(session.llm, cancel):
         out = decode(session.llm, seq, prompt_embeddings(session.llm, seq, vit_embeds), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids, vocab_limit=tokenizer.vocab_limit, sampling=sampling or SamplingOptions(),
-                     on_ids=stream_text if on_token is not None else None, cancel=cancel, keep_logits=keep_logits,
-                     cuda_graph=False if session.streamer is not None else None)  # a graph would fix the slots
+                     on_ids=stream_text if on_token is not None else None, cancel=cancel, keep_logits=keep_logits)
     text = tokenizer.decode([t for t in out.ids if t not in stop_ids])
     if on_token is not None and text != stream.text:
         on_token(text)   # an answer cut off inside a character: its held-back end, as the answer shows it

@@ -289,3 +289,4 @@ def test_rehearsal_streamed_equals_resident_whatever_the_layer_count(pipe, layer
     with streamer.active():
         ours = answer(streamed)
     assert torch.equal(ours, answer(resident))
+
