@@ -103,7 +103,8 @@ def add_decode(session: LanceSession, estimate_: Estimate, grid: LatentGrid, bat
     c, vae = session.config.constants, session.vae
     estimate_.add("VAE decode", "VAE working set and output", vae_decode_bytes(
         int(vae.module.config.decoder_base_dim), c.vae_temporal_factor * (grid.frames - 1) + 1,
-        grid.height * c.vae_spatial_factor, grid.width * c.vae_spatial_factor, batch, vae.dtype, vae.tiling_enabled))
+        grid.height * c.vae_spatial_factor, grid.width * c.vae_spatial_factor, batch, vae.dtype, vae.tiling_enabled,
+        c.vae_temporal_factor))
     estimate_.add("VAE decode", "VAE weights", session.stage_weights(vae.module))
 
 

@@ -86,12 +86,12 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
                  device: str | torch.device = "auto", attention: str = "auto", operations=None,
                  memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                  weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-                 fp8: tuple[str, ...] = (), fp8_generation: bool = False, compile: bool = False) -> LanceSession:
+                 fp8: tuple[str, ...] = (), compile: bool = False) -> LanceSession:
     """See pipeline.load_lance."""
     if not isinstance(root, (str, Path)):
         raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
                          f"{type(root).__name__}")
-    check_memory_options(memory, vit_weights, vram_budget, fp8, fp8_generation)
+    check_memory_options(memory, vit_weights, vram_budget, fp8)
     execution_device = resolve_device(device, "device")
     dtype = resolve_dtype(dtype, execution_device)
     planned = memory in ("stream", "auto") or bool(fp8)
@@ -118,7 +118,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit, checked=vit_files)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
-    plan, streamer = place(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8), fp8_generation) \
+    plan, streamer = place(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8)) \
         if planned else (None, None)
     if require_bool(compile, "compile") and streamer is not None:
         log.info("compile: not with streamed weights (they move per layer); denoising steps run eagerly")
@@ -130,35 +130,38 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     return LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer)
 
 
-def check_memory_options(memory, vit_weights, vram_budget, fp8, fp8_generation) -> None:
+def check_memory_options(memory, vit_weights, vram_budget, fp8) -> None:
     if memory not in MEMORY_MODES:
         raise InputError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     if vit_weights not in ("vit", "lance"):
         raise InputError(f"vit_weights must be 'vit' or 'lance', got {vit_weights!r}")
     if vram_budget is not None:
         require_int(vram_budget, "vram_budget", 1)
+        if memory != "auto":
+            raise InputError(f"vram_budget is the budget of memory='auto' (the VRAM plan); memory={memory!r} "
+                             f"does not use it")
     if not isinstance(fp8, (tuple, list)) or any(expert not in EXPERTS for expert in fp8):
         raise InputError(f"fp8 must be a tuple of experts among {EXPERTS} (stored in fp8), got {fp8!r}")
     if fp8 and memory == "offload":
         raise InputError("fp8 weights need memory 'resident', 'stream' or 'auto' (offload moves whole stages)")
-    require_bool(fp8_generation, "fp8_generation")
 
 
-def place(memory: str, llm, vit, vae, device: torch.device, budget: int | None, fp8: tuple[str, ...],
-          fp8_generation: bool) -> tuple[VramPlan, LayerStreamer | None]:
-    """Modules loaded in host memory -> placed by a VRAM plan (pick_plan): the LLM's experts in fp8 / streamed /
-    on the device, the ViT and VAE on the device or left in host memory to visit as stages."""
-    plan = pick_plan(memory, llm, vit, vae, device, budget, fp8, fp8_generation)
+def place(memory: str, llm, vit, vae, device: torch.device, budget: int | None,
+          fp8: tuple[str, ...]) -> tuple[VramPlan, LayerStreamer | None]:
+    """Modules loaded in host memory -> placed by a VRAM plan (pick_plan): the LLM's experts streamed or on the
+    device (in fp8 where asked), the ViT and VAE on the device or left in host memory to visit as stages."""
+    plan = pick_plan(memory, llm, vit, vae, device, budget, fp8)
     streamer = apply_plan(llm, plan, device)
     for module in (vit.module, vae.module):
         module.to("cpu" if plan.stages else device)
     return plan, streamer
 
 
-def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None, fp8: tuple[str, ...],
-              fp8_generation: bool) -> VramPlan:
+def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None,
+              fp8: tuple[str, ...]) -> VramPlan:
     """stream: every expert streamed; auto: the fastest plan that fits the budget (default: the device's free
-    memory; on the CPU, with no budget, everything stays resident); resident with fp8: only the fp8 storage."""
+    memory; on the CPU, with no budget, everything stays resident); resident with fp8: only the fp8 storage. The
+    experts in `fp8` are stored in fp8 in every case, and only they."""
     if memory == "stream":
         return VramPlan(fp8=fp8, stream=EXPERTS, stages=True)
     budget = budget if budget is not None else device_budget(device)
@@ -166,9 +169,7 @@ def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | No
         return VramPlan(fp8=fp8)
     sizes = WeightBytes.of(llm, vit.module, vae.module)
     working = working_reserve(llm.config, int(vae.module.config.decoder_base_dim), llm.dtype)
-    chosen = choose_plan(budget, sizes, working, fp8_generation)
-    plan = VramPlan(fp8=tuple(e for e in EXPERTS if e in chosen.fp8 or e in fp8), stream=chosen.stream,
-                    stages=chosen.stages)
+    plan = choose_plan(budget, sizes, working, fp8)
     log.info("Lance VRAM plan for %s: %s (%s of weights on the device, %s kept for the work of a %d px image)",
              readable(budget), plan.describe(), readable(sizes.device_bytes(plan)), readable(working),
              RESERVE_IMAGE_SIDE)

@@ -4,8 +4,9 @@ The estimates are deliberately LOW (lower bounds of the big buffers, not peaks):
 cannot possibly fit, never because the estimate was pessimistic. What is counted:
   * LLM stage: the KV cache (exact: it is preallocated) + one forward's activations of the longest block
     (hidden states, q/k/v, fp32 rotary, one MLP chunk; attention scores are not counted, fused kernels avoid them),
-  * VAE stage: the decoder/encoder working set of one frame (scaled from the Wan2.2 VAE measured in vae.py:
-    ~12.6 KB per output pixel in bf16 for the decoder at width 256; half of that is used here) + the output,
+  * VAE stage: the decoder/encoder working set of one call (the Wan2.2 decoder is called once per latent frame:
+    the first gives one frame, each other `temporal_factor` frames at once; measured in vae.py on a video, ~12.6 KB
+    per output pixel in bf16 at width 256 for a call of 4 frames; half of that is used here) + the output,
   * in offload mode, the stage's weights, which visit the device only while the stage runs.
 Stages run one after another, so a request needs the largest stage, not their sum.
 """
@@ -25,7 +26,7 @@ from .errors import OutOfMemory
 log = logging.getLogger(__name__)
 GIB = 1 << 30
 MEMINFO = Path("/proc/meminfo")
-DECODER_BYTES_PER_PIXEL_PER_WIDTH = 12   # x decoder_base_dim x dtype bytes, per output pixel of one frame
+DECODER_BYTES_PER_PIXEL_PER_WIDTH = 3    # x decoder_base_dim x dtype bytes, per pixel of each frame one call makes
 ENCODER_BYTES_PER_PIXEL_PER_WIDTH = 6    # x base_dim x dtype bytes, per input pixel of one frame
 TILE_SIDE = 256                          # enable_tiling's default tile (vae.py)
 HINT = ("load the model with memory='auto' (a VRAM plan: fp8 and streamed weights) or memory='offload' (weights "
@@ -104,10 +105,12 @@ def forward_activation_bytes(cfg: LLMConfig, tokens: int, dtype: torch.dtype, ml
 
 
 def vae_decode_bytes(decoder_width: int, frames: int, height: int, width: int, batch: int, dtype: torch.dtype,
-                     tiled: bool) -> int:
-    """Decoding [batch] clips of `frames` frames at height x width pixels."""
+                     tiled: bool, temporal_factor: int = 1) -> int:
+    """Decoding [batch] clips of `frames` frames at height x width pixels (a video's decoder calls make
+    `temporal_factor` frames each, an image's one)."""
     area = min(height, TILE_SIDE) * min(width, TILE_SIDE) if tiled else height * width
-    working = DECODER_BYTES_PER_PIXEL_PER_WIDTH * decoder_width * _size(dtype) * area * batch
+    frames_per_call = 1 if frames == 1 else temporal_factor
+    working = DECODER_BYTES_PER_PIXEL_PER_WIDTH * decoder_width * _size(dtype) * area * frames_per_call * batch
     output = 2 * 3 * frames * height * width * 4 * batch                  # fp32 pixels + the clamped/permuted copy
     return working + output
 

@@ -170,15 +170,16 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
                memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-               fp8: tuple[str, ...] = (), fp8_generation: bool = False, compile: bool = False) -> LancePipeline:
+               fp8: tuple[str, ...] = (), compile: bool = False) -> LancePipeline:
     """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU.
 
     memory: "resident" (every weight on the device), "offload" (weights in CPU memory; each stage - ViT, LLM,
     VAE - visits the device only while it runs), "stream" (the LLM's layers stream from pinned CPU memory a few
-    layers ahead; ViT and VAE visit as stages) or "auto" (a VRAM plan: the fastest placement that fits
-    `vram_budget` bytes, default the device's free memory; see vram_plan.py and `pipe.plan`). fp8: experts
-    ("und", "gen") stored in fp8 in any of resident/stream/auto; fp8_generation lets auto choose fp8 for the
-    generation expert too. weights_device (resident only): where the weights are built when that is not
+    layers ahead; ViT and VAE visit as stages) or "auto" (a VRAM plan: the fastest bit-exact placement that
+    fits `vram_budget` bytes, default the device's free memory; see vram_plan.py and `pipe.plan`). fp8: experts
+    ("und", "gen") stored in fp8 in any of resident/stream/auto - never chosen by a plan itself: fp8 changes the
+    picture and has not been validated on the release's weights. weights_device (resident only): where the
+    weights are built when that is not
     `device`, for a host that moves or streams them itself (ComfyUI's model patcher); activations and the KV
     cache always live on `device`. vit_weights: "vit" (Qwen2.5-VL-ViT/vit.safetensors, default) or "lance" (the
     vit_model.* tensors of model.safetensors). vae_tiling: spatially tiled VAE encode/decode (less memory,
@@ -188,4 +189,4 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     return LancePipeline(load_session(root, variant=variant, dtype=dtype, device=device, attention=attention,
                                       operations=operations, memory=memory, vit_weights=vit_weights,
                                       vae_tiling=vae_tiling, weights_device=weights_device, vram_budget=vram_budget,
-                                      fp8=fp8, fp8_generation=fp8_generation, compile=compile))
+                                      fp8=fp8, compile=compile))

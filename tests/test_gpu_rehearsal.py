@@ -194,7 +194,7 @@ def test_rehearsal_auto_plan_budget_from_a_capped_cuda_device(pipe, monkeypatch,
     device = resolve_device("cuda")
     assert device_budget(device) == fits - DEVICE_MARGIN
     fastest = next(plan for plan in candidates() if sizes.device_bytes(plan) + working <= fits - DEVICE_MARGIN)
-    assert pick_plan("auto", llm, vit, vae, device, None, (), False) == fastest
+    assert pick_plan("auto", llm, vit, vae, device, None, ()) == fastest
 
 
 # ---------------------------------------------------------------- streamed weights: slots and event order

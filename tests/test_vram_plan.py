@@ -17,7 +17,7 @@ import torch
 
 from lance_model import DecodeOutOfMemory, load_lance
 from lance_model.memory import GIB
-from lance_model.vram_plan import VramPlan, WeightBytes, candidates, choose_plan
+from lance_model.vram_plan import DEVICE_MARGIN, VramPlan, WeightBytes, candidates, choose_plan
 from tests.helpers import forced_logits, x2t_request
 
 STEPS = dict(steps=3, seed=1)
@@ -140,6 +140,31 @@ def test_fp8_storage_halves_the_expert_bytes(golden):
     assert linears and all(isinstance(linear, Fp8Linear) for linear in linears)
     assert all(linear.weight.element_size() == 1 for linear in linears)
     assert not any(isinstance(linear, Fp8Linear) for _, _, linear in expert_linears(fp8.llm, "und"))
+    # never the embeddings, the LM head, the latent projections, the time embedder or a norm
+    fp8 = loaded(golden, fp8=("und", "gen"))
+    quantized = {id(m) for m in fp8.llm.modules() if isinstance(m, Fp8Linear)}
+    experts = {id(linear) for e in ("und", "gen") for _, _, linear in expert_linears(fp8.llm, e)}
+    assert quantized == experts
+    outside = [fp8.llm.language_model.model.embed_tokens, fp8.llm.language_model.lm_head, fp8.llm.vae2llm,
+               fp8.llm.llm2vae, *fp8.llm.time_embedder.modules(), *fp8.llm.language_model.model.norm.modules()]
+    assert not any(isinstance(module, Fp8Linear) for module in outside)
+
+
+def test_fp8_scale_applied_to_the_product_equals_the_dequantized_weight():
+    """linear(x, w8) * scale (no scaled-weight temporary, the scale in fp32) equals linear(x, w8 * scale) within
+    fp32 rounding."""
+    from lance_model.fp8 import Fp8Linear
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 256, generator=generator) * torch.logspace(-3, 1, 96).view(-1, 1))
+    fp8 = Fp8Linear(linear)
+    x = torch.randn(7, 256, generator=generator)
+    dequantized = fp8.weight.float() * fp8.weight_scale[:, None]
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, dequantized, linear.bias)
+        ours = fp8(x)
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
 
 
 # ---------------------------------------------------------------- the plan a budget picks
@@ -147,6 +172,7 @@ def test_fp8_storage_halves_the_expert_bytes(golden):
 RELEASE = WeightBytes(und=int(6.2 * GIB), gen=int(6.2 * GIB), shared=int(1.3 * GIB), vit=int(1.3 * GIB),
                       vae=int(1.4 * GIB), layers=36)
 IMAGE_WORK = int(1.5 * GIB)
+RELEASE_IMAGE_RESERVE = int(1.54 * GIB)   # vram_plan.working_reserve of the release for a 768^2 image
 
 
 def test_a_release_fits_resident_on_24_gib():
@@ -162,19 +188,32 @@ def test_each_plan_is_chosen_where_it_is_the_fastest_that_fits(index):
         assert choose_plan(budget - 1, RELEASE, IMAGE_WORK) != plan
 
 
-def test_plans_shrink_in_order_and_fp8_generation_is_opt_in():
-    for fp8_generation in (False, True):
-        sizes = [RELEASE.device_bytes(plan) for plan in candidates(fp8_generation)]
+def test_plans_shrink_in_order_and_are_bit_exact_unless_fp8_is_asked():
+    for fp8 in ((), ("und",), ("und", "gen")):
+        plans = candidates(fp8)
+        sizes = [RELEASE.device_bytes(plan) for plan in plans]
         assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
-    assert all("gen" not in plan.fp8 for plan in candidates())
-    both = VramPlan(fp8=("und", "gen"), stages=True)
-    assert choose_plan(RELEASE.device_bytes(both) + IMAGE_WORK, RELEASE, IMAGE_WORK, fp8_generation=True) == both
+        assert all(plan.fp8 == fp8 for plan in plans)
+    assert all("fp8" not in plan.describe() for plan in candidates())
+    assert "not been validated on the release's weights" in candidates(("und",))[0].describe()
+
+
+def test_release_plan_per_card_is_the_issue_ladder():
+    """The release's own weight sizes (bf16, built on the meta device by bench_gpu.release_architecture, as
+    printed in docs/performance.md) and the reserve of a 768^2 image: 24 GB everything resident; 16 GB the LLM
+    resident, ViT and VAE visiting; 12 GB the understanding expert streamed; 8 GB both experts streamed."""
+    sizes = WeightBytes(und=int(5.17 * GIB), gen=int(5.17 * GIB), shared=int(1.17 * GIB), vit=int(1.25 * GIB),
+                        vae=int(1.31 * GIB), layers=36)
+    ladder = {24: VramPlan(), 16: VramPlan(stages=True), 12: VramPlan(stream=("und",), stages=True),
+              8: VramPlan(stream=("und", "gen"), stages=True)}
+    for card, plan in ladder.items():
+        assert choose_plan(card * GIB - DEVICE_MARGIN, sizes, RELEASE_IMAGE_RESERVE) == plan, card
 
 
 def test_plan_too_small_names_the_smallest_plan():
     from lance_model import OutOfMemory
-    with pytest.raises(OutOfMemory, match=r"no weight plan fits .* the smallest \(understanding expert in fp8 "
-                                          r"streamed; generation expert streamed"):
+    with pytest.raises(OutOfMemory, match=r"no weight plan fits .* the smallest \(understanding expert streamed; "
+                                          r"generation expert streamed"):
         choose_plan(2 * GIB, RELEASE, IMAGE_WORK)
 
 
@@ -205,6 +244,8 @@ def test_bad_memory_options_name_the_option(golden):
         loaded(golden, memory="offload", fp8=("und",))
     with pytest.raises(InputError, match="vram_budget must be an integer"):
         loaded(golden, memory="auto", vram_budget=-1)
+    with pytest.raises(InputError, match=r"vram_budget is the budget of memory='auto'.*'resident' does not use it"):
+        loaded(golden, vram_budget=8 * GIB)
 
 
 # ---------------------------------------------------------------- no sampled work is lost to a decode
