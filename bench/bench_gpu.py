@@ -168,7 +168,8 @@ def random_weights(release: bool, dtype: torch.dtype, device: torch.device) -> W
     return Weights(llm, LanceViT(vit), LanceVAE(vae))
 
 
-def pipeline(weights: Weights, device: torch.device, memory: str = "resident", budget: int | None = None) -> LancePipeline:
+def pipeline(weights: Weights, device: torch.device, memory: str = "resident",
+             budget: int | None = None) -> LancePipeline:
     """A pipeline over these modules (placed in place): all on the device (resident), or placed by loader.place
     (auto: the VRAM plan for `budget`; stream; the modules must be in host memory)."""
     paths = resolve_release(GOLDEN / "checkpoint")
