@@ -1,37 +1,59 @@
-"""Every GPU figure of the speed and VRAM issues in one command, on the release configuration with random weights
-built in host memory (no 16 GB file write):
+"""Every GPU figure of the speed and VRAM issues, on the release configuration with random weights initialised on
+the GPU (seconds; no file, no CPU initialisation), in two parts that each fit a borrowed GPU (estimated well under
+5 minutes on an H100 each, so one can be rerun within the loan):
 
-    python bench/bench_gpu.py [--budget-gib 8,12,16,24] [--skip rows,profile,budgets] [--compile]
-    python bench/bench_gpu.py --smoke      # the same code at toy sizes on the CPU (a test runs it)
+    python bench/bench_gpu.py --part speed     # machine peaks, the speed table, a profile of a t2i run, op counts
+    python bench/bench_gpu.py --part budgets   # per --budget-gib (default 8,12,16,24): plan, each task's time/peak
+    python bench/bench_gpu.py                  # --part all: both, one after the other
+    python bench/bench_gpu.py --smoke [--part speed|budgets|all]   # the same code at toy sizes on the CPU (tested)
 
-Prints: the machine (bf16 GEMM and SDPA TFLOP/s, device copy TB/s), the weights per group, every row of the speed
-table (figure, goal, floor, ratio) with its peak memory, a profile of a t2i run (GPU busy vs wall, GEMM /
-attention / other), and per memory budget the VRAM plan it picks, each task's peak memory and time (the budget is
-enforced with torch.cuda.set_per_process_memory_fraction, so one large GPU measures every card size). The last
-line is always `ops per layer-step N, ops per layer-token M`: top-level aten ops of one decoder layer in a guided
-denoising step and in a decode step, counted eagerly on the CPU with the tiny checkpoint.
+speed: the machine (bf16 GEMM and SDPA TFLOP/s, device copy TB/s), every row of the speed table (figure, goal,
+floor, ratio, peak memory; a task row times one run after a one-step warm-up of the same request, a per-step row
+the difference of two step counts), a profile of a t2i run (GPU busy vs wall; GEMM, attention, other), and
+`ops per layer-step N, ops per layer-token M` (top-level aten ops of one decoder layer in a guided denoising step
+and in a decode step, counted eagerly on the CPU with the tiny checkpoint). `--compile` compiles the steps first
+(one compilation per request layout: minutes more; run it as a call of its own, with --skip for what it needs not).
+budgets: the release's weights per group and the plan each card size picks (arithmetic), then per budget a fresh
+placement of the random model by the VRAM plan (memory="auto"), under an allocator cap of that size
+(torch.cuda.set_per_process_memory_fraction, so one large GPU measures every card size), with one run of each
+task (t2i, a 121-frame t2v with one guided step and its decode, an x2t answer about an image).
+
+Every row and task runs in its own try: a failure prints its first line and a short traceback, the rest still
+runs. `--skip a,b` skips the rows, tasks and sections (machine, profile, ops, plans) whose names start with one of
+the words (`--skip t2v` drops the three video measurements). The last lines are the total seconds and, when the
+speed part ran, the op counts.
+
+Every figure is also written as JSON, rewritten after each measurement so a run cut short keeps what it measured:
+to `--json PATH`, by default `$OUT/bench_gpu_<part>.json` when $OUT is set (the device machine's folder that comes
+back), else `out/bench_gpu_<part>.json` in the repository (git-ignored); `--smoke` adds `_smoke` to the name.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
+import os
+import resource
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import GOLDEN, copy_bandwidth, seconds  # noqa: E402
+from bench.common import GOLDEN, REPO, copy_bandwidth, cuda_device, seconds  # noqa: E402
 from bench.random_release import REAL_LLM, REAL_VIT, RELEASE_VAE  # noqa: E402
 from lance_model import GenerationSettings, LancePipeline, SamplingOptions, load_lance  # noqa: E402
 from lance_model.attention import Attention  # noqa: E402
-from lance_model.checkpoint import resolve_release  # noqa: E402
+from lance_model.checkpoint import load_torch_state_dict, resolve_release  # noqa: E402
 from lance_model.config import LLMConfig  # noqa: E402
+from lance_model.errors import first_line  # noqa: E402
 from lance_model.llm import LanceLLM  # noqa: E402
 from lance_model.loader import place  # noqa: E402
 from lance_model.memory import GIB, readable  # noqa: E402
@@ -42,6 +64,8 @@ from lance_model.vit import LanceViT, load_vit_config  # noqa: E402
 from lance_model.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, choose_plan, working_reserve  # noqa: E402
 
 PROMPT = "A red fox standing in a snowy birch forest at dawn, soft golden light, photorealistic, detailed fur."
+VIDEO_PROMPT = "A small boat sails across a calm lake at sunset."
+PARTS = ("speed", "budgets")
 
 
 @dataclass(frozen=True)
@@ -54,18 +78,52 @@ class Scale:
     frames: int = 61
     long_frames: int = 121
     steps: int = 30
-    tokens: int = 128
+    tokens: int = 128          # decode row: tokens timed (the difference of two answers)
+    answer_tokens: int = 32    # budgets: the x2t answer
 
 
-SMOKE = Scale(image=64, large_image=96, video=(64, 64), frames=5, long_frames=9, steps=3, tokens=8)
+SMOKE = Scale(image=64, large_image=96, video=(64, 64), frames=5, long_frames=9, steps=3, tokens=32, answer_tokens=8)
 # figure -> (goal, floor) of the speed issue, seconds (tokens/s for the decode)
 GOALS = {"t2i 768^2, 30 steps": (1.3, 1.15), "guided step 768^2": (0.042, 0.040), "unguided step 768^2": (0.022, 0.020),
          "t2i 1024^2, 30 steps": (2.3, None), "image_edit 768^2, 30 steps": (1.6, None),
-         "t2v 480x848x61, 30 steps": (30.0, None), "t2v 480x848x121 guided step": (3.2, 3.14),
-         "x2t decode (tokens/s)": (500.0, 690.0)}
+         "x2t decode (tokens/s)": (500.0, 690.0), "t2v 480x848x61, 30 steps": (30.0, None),
+         "t2v 480x848x121 guided step": (3.2, 3.14)}
 
 
 # ---------------------------------------------------------------- the model, with random weights
+@dataclass
+class Weights:
+    """The LLM, ViT and VAE of a model, as a pipeline takes them."""
+
+    llm: LanceLLM
+    vit: LanceViT
+    vae: LanceVAE
+
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return self.llm, self.vit.module, self.vae.module
+
+    def sizes(self) -> WeightBytes:
+        return WeightBytes.of(*self.modules)
+
+    def to(self, device: torch.device) -> "Weights":
+        for module in self.modules:
+            module.to(device)
+        return self
+
+    def shallow_copy(self) -> "Weights":
+        """New modules over the same parameter storage. A placement rebinds each parameter of its modules (to the
+        device, to fp8, to pinned host memory) and never writes into one, so one host copy serves every budget
+        (no second 15 GB host copy per budget)."""
+        llm, vit, vae = (_sharing_parameters(m) for m in self.modules)
+        return Weights(llm, LanceViT(vit), LanceVAE(vae))
+
+
+def _sharing_parameters(module: torch.nn.Module) -> torch.nn.Module:
+    shared = {id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, shared)
+
+
 def _init(module: torch.nn.Module) -> torch.nn.Module:
     """Random weights in a realistic range: norm scales 1, biases 0, the rest N(0, 0.02)."""
     with torch.no_grad():
@@ -79,61 +137,160 @@ def _init(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def release_architecture(dtype: torch.dtype):
-    """(llm, vit, vae) modules of the release configuration on the meta device (no memory): the LLM and ViT at
-    release size with the tiny checkpoint's ids, the Wan2.2 VAE at release width."""
+def architecture(release: bool, dtype: torch.dtype):
+    """(llm, vit, vae) modules on the meta device (no memory), with the tiny checkpoint's ids: at release size
+    (the LLM and ViT of bench/random_release.py, the Wan2.2 VAE at release width), or the tiny checkpoint's own
+    sizes (--smoke)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    from lance_model.checkpoint import load_torch_state_dict
-    raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
+    llm_raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
     vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
-    vit_config_file = Path(torch.hub.get_dir()) / "lance_bench_vit.json"
-    vit_config_file.parent.mkdir(parents=True, exist_ok=True)
-    vit_config_file.write_text(json.dumps({**vit_raw, **REAL_VIT}))
-    tiny_vae = convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth"))
-    with torch.device("meta"):
-        llm = LanceLLM(LLMConfig.from_dict({**raw, **REAL_LLM}), attention=Attention("auto"))
-        vit = Qwen2_5_VisionTransformerPretrainedModel(load_vit_config(vit_config_file))
-        vae = _build_module({**_architecture_from_weights(tiny_vae, GOLDEN), **RELEASE_VAE})
+    vae_arch = _architecture_from_weights(
+        convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth")), GOLDEN)
+    if release:
+        llm_raw, vit_raw, vae_arch = {**llm_raw, **REAL_LLM}, {**vit_raw, **REAL_VIT}, {**vae_arch, **RELEASE_VAE}
+    with tempfile.TemporaryDirectory() as folder:   # the ViT config is read from a file, as a release has it
+        vit_config = Path(folder) / "config.json"
+        vit_config.write_text(json.dumps(vit_raw))
+        with torch.device("meta"):
+            llm = LanceLLM(LLMConfig.from_dict(llm_raw), attention=Attention("auto"))
+            vit = Qwen2_5_VisionTransformerPretrainedModel(load_vit_config(vit_config))
+            vae = _build_module(vae_arch)
     return llm.to(dtype), vit.to(dtype), vae.to(dtype)
 
 
-def random_modules(smoke: bool, dtype: torch.dtype):
-    """(llm, vit, vae) in host memory: the release configuration (smoke: the tiny checkpoint's) with random
-    weights. Each measured pipeline places its own copy (one resident copy, then one per budget)."""
-    device = torch.device("cpu")
-    if smoke:
-        pipe = load_lance(GOLDEN / "checkpoint", dtype=dtype, device=device)
-        return pipe.llm, pipe.vit, pipe.vae
+def random_weights(release: bool, dtype: torch.dtype, device: torch.device) -> Weights:
+    """The architecture with random weights, allocated and initialised on `device` (on a GPU: seconds for the
+    release, where normal_ on the CPU takes minutes)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
-    llm, vit, vae = (_init(module.to_empty(device=device)) for module in release_architecture(dtype))
+    torch.manual_seed(0)
+    llm, vit, vae = (_init(module.to_empty(device=device)) for module in architecture(release, dtype))
     vit.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(vit.config).to(device)   # its frequencies are computed
-    return llm, LanceViT(vit), LanceVAE(vae)
+    return Weights(llm, LanceViT(vit), LanceVAE(vae))
 
 
-def pipeline(modules, device: torch.device, memory: str = "resident", budget: int | None = None) -> LancePipeline:
-    """A pipeline over a copy of the host-memory modules: all on the device (resident), or placed by the VRAM
-    plan for `budget` (auto)."""
-    llm, vit, vae = (copy.deepcopy(m) for m in (modules[0], modules[1].module, modules[2].module))
-    vit, vae = LanceViT(vit), LanceVAE(vae)
+def pipeline(weights: Weights, device: torch.device, memory: str = "resident",
+             budget: int | None = None) -> LancePipeline:
+    """A pipeline over these modules (placed in place): all on the device (resident), or placed by loader.place
+    (auto: the VRAM plan for `budget`; stream; the modules must be in host memory)."""
     paths = resolve_release(GOLDEN / "checkpoint")
-    tokenizer = LanceTokenizer(paths.lance_dir, llm.config)
+    tokenizer = LanceTokenizer(paths.lance_dir, weights.llm.config)
     plan = streamer = None
-    if memory == "auto":
-        plan, streamer = place("auto", llm, vit, vae, device, budget, (), False)
+    if memory == "resident":
+        weights.to(device)
     else:
-        for module in (llm, vit.module, vae.module):
-            module.to(device)
-    return LancePipeline(LanceSession(paths, llm, tokenizer, vit, vae, memory, device, {}, plan, streamer))
+        plan, streamer = place(memory, weights.llm, weights.vit, weights.vae, device, budget, (), False)
+    return LancePipeline(LanceSession(paths, weights.llm, tokenizer, weights.vit, weights.vae, memory, device, {},
+                                      plan, streamer))
 
 
-# ---------------------------------------------------------------- measurements
-def peak(device: torch.device, fn) -> tuple[float, str]:
-    """(seconds, peak allocated) of one call."""
+def compute_device(smoke: bool) -> torch.device:
+    """The CPU for --smoke, else the current CUDA device with its index (some torch.cuda calls refuse "cuda")."""
+    return torch.device("cpu") if smoke else cuda_device()
+
+
+def release_memory(device: torch.device) -> None:
+    """Drop what the last measurement left (cycles included) and give the allocator's cache back to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def memory_cap(device: torch.device, limit: int):
+    """The allocator of `device` capped at `limit` bytes, as on a card of that size (no cap off CUDA); the
+    fraction is back at 1.0 afterwards, whatever happened."""
+    if device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+# ---------------------------------------------------------------- the JSON report, and one try per measurement
+class Report:
+    """Every figure of a run as JSON, rewritten after each addition (a run cut short keeps what it measured)."""
+
+    def __init__(self, path: Path, **header):
+        self.path, self.data = path, dict(header)
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+
+    def append(self, key: str, entry: dict) -> dict:
+        self.data.setdefault(key, []).append(entry)
+        self.save()
+        return entry
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=1))
+        partial.replace(self.path)
+
+
+def attempt(label: str, run, device: torch.device):
+    """(run(), None), or (None, "Type: first line") after printing it with the three innermost frames (torch's
+    out-of-memory messages run to many lines)."""
+    try:
+        return run(), None
+    except Exception as exc:  # noqa: BLE001 - one failing measurement must not hide the others
+        error = f"{type(exc).__name__}: {first_line(exc)}"
+        print(f"  {label} FAILED: {error}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:]), end="", flush=True)
+    release_memory(device)
+    return None, error
+
+
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    took = seconds(fn, device)
-    memory = readable(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else "n/a (CPU)"
-    return took, memory
+
+
+def peak_bytes(device: torch.device) -> dict:
+    """Peak allocated and reserved bytes since the last reset_peak (None on the CPU)."""
+    if device.type != "cuda":
+        return {"peak_bytes": None, "peak_reserved_bytes": None}
+    return {"peak_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+
+
+def shown(memory: dict) -> str:
+    return readable(memory["peak_bytes"]) if memory["peak_bytes"] is not None else "n/a (CPU)"
+
+
+# ---------------------------------------------------------------- the speed part
+def machine(device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        print("machine: CPU (no GEMM/SDPA peak measured in smoke mode)")
+        return {"device": "cpu"}
+    a, b = torch.randn(8192, 8192, device=device, dtype=dtype), torch.randn(8192, 8192, device=device, dtype=dtype)
+    gemm = 2 * 8192 ** 3 / min(seconds(lambda: a @ b, device) for _ in range(5))
+    q = torch.randn(2, 16, 2400, 128, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 2400, 128, device=device, dtype=dtype)
+    sdpa = 4 * 2 * 16 * 2400 * 2400 * 128 / min(
+        seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True), device)
+        for _ in range(5))
+    found = {"device": torch.cuda.get_device_name(device),
+             "total_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
+             "gemm_tflops": gemm / 1e12, "sdpa_tflops": sdpa / 1e12, "copy_tbps": copy_bandwidth(device) / 1e12}
+    print(f"machine: {found['device']}, bf16 GEMM {found['gemm_tflops']:.0f} TFLOP/s, SDPA {found['sdpa_tflops']:.0f} "
+          f"TFLOP/s, device copy {found['copy_tbps']:.2f} TB/s")
+    return found
+
+
+def warm_then_time(run, steps: int, device: torch.device, warm_decode: bool = True) -> float:
+    """Seconds of run(steps) after run(1) (the same request: kernels loaded, prefix prefilled); a video warms
+    without its decode (the image rows loaded the VAE's kernels; a 61-frame decode would cost seconds)."""
+    if warm_decode:
+        run(1)
+    else:
+        run(1, decode=False)
+    return seconds(lambda: run(steps), device)
 
 
 def per_step(run, steps: int, device: torch.device) -> float:
@@ -142,63 +299,87 @@ def per_step(run, steps: int, device: torch.device) -> float:
     return (seconds(lambda: run(steps + 1), device) - seconds(lambda: run(1), device)) / steps
 
 
-def rows(pipe: LancePipeline, scale: Scale, device: torch.device) -> list[tuple[str, float, str]]:
+def decode_rate(answer, tokens: int, device: torch.device) -> float:
+    """Tokens per second of decoding: the difference of a long and a short answer (their prefill cancels)."""
+    few, many = 8, 8 + tokens
+    answer(few)
+    answers = {}
+    timed = lambda n: seconds(lambda: answers.setdefault(n, answer(n)), device)
+    took = timed(many) - timed(few)
+    return (len(answers[many].token_ids) - len(answers[few].token_ids)) / took   # an answer may end early
+
+
+def test_image(scale: Scale) -> torch.Tensor:
+    return torch.rand(1, scale.image, scale.image, 3, generator=torch.Generator().manual_seed(0))
+
+
+def speed_rows(pipe: LancePipeline, scale: Scale, device: torch.device) -> list[tuple[str, object]]:
+    """(figure, measurement) in the order they run: cheap first, the videos last."""
     s, v = scale, scale.video
-    full = dict(steps=s.steps, seed=42)
-    image = torch.rand(1, s.image, s.image, 3, generator=torch.Generator().manual_seed(0))
-    t2i = lambda size, **kw: pipe.text_to_image(PROMPT, width=size, height=size, **{**full, **kw})
-    step = lambda **kw: lambda n: t2i(s.image, steps=n, decode=False, **kw)
-    out = [("t2i 768^2, 30 steps", *peak(device, lambda: t2i(s.image)))]
-    out.append(("guided step 768^2", per_step(step(cfg_interval=(0.0, 1.0)), 5, device), ""))
-    out.append(("unguided step 768^2", per_step(step(cfg_scale=1.0), 5, device), ""))
-    out.append(("t2i 1024^2, 30 steps", *peak(device, lambda: t2i(s.large_image))))
-    out.append(("image_edit 768^2, 30 steps", *peak(device, lambda: pipe.edit_image(
-        image, "Make the sky a warm sunset orange", resolution=f"image_{s.image if s.image in (256, 512, 768) else 256}res",
-        **full))))
-    out.append(("t2v 480x848x61, 30 steps", *peak(device, lambda: pipe.text_to_video(
-        "A small boat sails across a calm lake at sunset.", width=v[1], height=v[0], num_frames=s.frames, **full))))
-    long_step = lambda n: pipe.text_to_video("A small boat sails across a calm lake at sunset.", width=v[1], height=v[0],
-                                             num_frames=s.long_frames, steps=n, decode=False, cfg_interval=(0.0, 1.0))
-    out.append(("t2v 480x848x121 guided step", per_step(long_step, 2, device), ""))
-    few, many = 8, 8 + s.tokens
+    image = test_image(s)
+    edit_resolution = f"image_{s.image if s.image in (256, 512, 768) else 256}res"
+
+    def t2i(size, **options):
+        return lambda n, **more: pipe.text_to_image(PROMPT, width=size, height=size, steps=n, seed=42,
+                                                    **options, **more)
+
+    def t2v(frames, **options):
+        return lambda n, **more: pipe.text_to_video(VIDEO_PROMPT, width=v[1], height=v[0], num_frames=frames, steps=n,
+                                                    seed=42, **options, **more)
+
+    edit = lambda n, **more: pipe.edit_image(image, "Make the sky a warm sunset orange", resolution=edit_resolution,
+                                             steps=n, seed=42, **more)
     answer = lambda n: pipe.understand(image, "Describe the image in detail.", max_new_tokens=n,
                                        sampling=SamplingOptions())
-    answer(few)
-    took = seconds(lambda: answer(many), device) - seconds(lambda: answer(few), device)
-    out.append(("x2t decode (tokens/s)", s.tokens / took, ""))
-    return out
+    return [
+        ("t2i 768^2, 30 steps", lambda: warm_then_time(t2i(s.image), s.steps, device)),
+        ("guided step 768^2", lambda: per_step(t2i(s.image, decode=False, cfg_interval=(0.0, 1.0)), 5, device)),
+        ("unguided step 768^2", lambda: per_step(t2i(s.image, decode=False, cfg_scale=1.0), 5, device)),
+        ("t2i 1024^2, 30 steps", lambda: warm_then_time(t2i(s.large_image), s.steps, device)),
+        ("image_edit 768^2, 30 steps", lambda: warm_then_time(edit, s.steps, device)),
+        ("x2t decode (tokens/s)", lambda: decode_rate(answer, s.tokens, device)),
+        ("t2v 480x848x61, 30 steps", lambda: warm_then_time(t2v(s.frames), s.steps, device, warm_decode=False)),
+        ("t2v 480x848x121 guided step", lambda: per_step(t2v(s.long_frames, decode=False, cfg_interval=(0.0, 1.0)),
+                                                          1, device)),
+    ]
 
 
-def print_rows(results) -> None:
-    print(f"{'figure':34} {'measured':>11} {'goal':>9} {'floor':>9} {'goal/measured':>14}  peak memory")
-    for name, value, memory in results:
-        goal, floor = GOALS[name]
-        tokens = name.startswith("x2t")
-        ratio = value / goal if tokens else goal / value
-        unit = "tok/s" if tokens else "s"
-        print(f"{name:34} {value:9.3f} {unit:5} {goal:9.3f} {floor if floor else '':>9} {ratio:13.2f}x  {memory}")
+def row_entry(name: str, value: float | None, memory: dict, took: float, error: str | None) -> dict:
+    goal, floor = GOALS[name]
+    tokens = name.startswith("x2t")
+    ratio = None if not value else value / goal if tokens else goal / value
+    return {"figure": name, "value": value, "unit": "tokens/s" if tokens else "s", "goal": goal, "floor": floor,
+            "ratio": ratio, **memory, "took_s": took, "error": error}
 
 
-def machine(device: torch.device, dtype: torch.dtype) -> None:
-    if device.type != "cuda":
-        print("machine: CPU (no GEMM/SDPA peak measured in smoke mode)")
-        return
-    a, b = torch.randn(8192, 8192, device=device, dtype=dtype), torch.randn(8192, 8192, device=device, dtype=dtype)
-    gemm = 2 * 8192 ** 3 / min(seconds(lambda: a @ b, device) for _ in range(5))
-    q = torch.randn(2, 16, 2400, 128, device=device, dtype=dtype)
-    k = torch.randn(2, 2, 2400, 128, device=device, dtype=dtype)
-    sdpa = 4 * 2 * 16 * 2400 * 2400 * 128 / min(
-        seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True), device)
-        for _ in range(5))
-    print(f"machine: {torch.cuda.get_device_name(device)}, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s, SDPA "
-          f"{sdpa / 1e12:.0f} TFLOP/s, device copy {copy_bandwidth(device) / 1e12:.2f} TB/s")
+def print_row(row: dict) -> None:
+    if row["error"]:
+        return   # attempt() printed it
+    unit = "tok/s" if row["unit"] == "tokens/s" else "s"
+    memory = readable(row["peak_bytes"]) if row["peak_bytes"] is not None else "n/a (CPU)"
+    ratio = f"{row['ratio']:13.2f}x" if row["ratio"] is not None else f"{'n/a':>14}"
+    print(f"{row['figure']:34} {row['value']:9.3f} {unit:5} {row['goal']:9.3f} {row['floor'] or '':>9} "
+          f"{ratio}  {memory}", flush=True)
 
 
-def profile(pipe: LancePipeline, scale: Scale, device: torch.device) -> None:
+def measure_rows(pipe: LancePipeline, scale: Scale, device: torch.device, skip: set[str], report: Report) -> None:
+    print(f"{'figure':34} {'measured':>11} {'goal':>9} {'floor':>9} {'goal/measured':>14}  peak memory", flush=True)
+    for name, measure in speed_rows(pipe, scale, device):
+        if skipped(name, skip):
+            continue
+        reset_peak(device)
+        started = time.perf_counter()
+        value, error = attempt(name, measure, device)
+        row = row_entry(name, value, peak_bytes(device), time.perf_counter() - started, error)
+        report.append("rows", row)
+        print_row(row)
+
+
+def profile(pipe: LancePipeline, scale: Scale, device: torch.device) -> dict:
     """GPU busy vs wall over a t2i run, and the shares of GEMM, attention and the rest."""
     if device.type != "cuda":
         print("profile: CUDA only")
-        return
+        return {}
     from torch.profiler import ProfilerActivity
     run = lambda: pipe.text_to_image(PROMPT, width=scale.image, height=scale.image, steps=scale.steps, seed=42)
     run()
@@ -216,65 +397,134 @@ def profile(pipe: LancePipeline, scale: Scale, device: torch.device) -> None:
     total = sum(shares.values())
     print(f"profile t2i {scale.image}^2 x {scale.steps}: wall {wall:.2f} s, GPU busy {total:.2f} s "
           f"({total / wall:.0%}); " + ", ".join(f"{k} {v:.2f} s ({v / max(total, 1e-9):.0%})" for k, v in shares.items()))
+    return {"wall_s": wall, "busy_s": total, **{f"{k.lower()}_s": v for k, v in shares.items()}}
 
 
-def budgets(modules, scale: Scale, device: torch.device, gib: list[float], smoke: bool) -> None:
-    """Per memory budget: the plan and each task's time and peak memory (smoke: budgets sized from the tiny
-    model's own weights, one per plan, no allocator cap)."""
-    sizes = WeightBytes.of(modules[0], modules[1].module, modules[2].module)
-    print(f"weights: understanding expert {readable(sizes.und)}, generation expert {readable(sizes.gen)}, "
-          f"shared {readable(sizes.shared)}, ViT {readable(sizes.vit)}, VAE {readable(sizes.vae)}")
-    if smoke:
-        llm, vae = modules[0], modules[2]
-        work = working_reserve(llm.config, int(vae.module.config.decoder_base_dim), llm.dtype)
-        limits = [sizes.device_bytes(plan) + work for plan in candidates()]
-    else:
-        limits = [int(g * GIB) for g in gib]
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    for limit in limits:
-        try:
-            if total:
-                torch.cuda.empty_cache()
-                torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0), device)
-            # on CUDA the plan reads the capped allocator itself (memory.available_bytes), as a user's load would
-            budget_tasks(pipeline(modules, device, "auto", None if total else limit), scale, device, limit)
-        except Exception as exc:  # noqa: BLE001 - a budget that does not fit is a result, not a crash
-            print(f"  budget {readable(limit)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        finally:
-            if total:
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+def speed_part(run: "Run") -> None:
+    device, scale, skip, report = run.device, run.scale, run.skip, run.report
+    if not skipped("machine", skip):
+        found, _ = attempt("machine", lambda: machine(device, run.dtype), device)
+        report.set("machine", found)
+    started = time.perf_counter()
+    pipe = pipeline(random_weights(not run.smoke, run.dtype, device), device)
+    report.set("speed_model_built_s", time.perf_counter() - started)
+    print(f"random model built on {device} in {time.perf_counter() - started:.1f} s", flush=True)
+    if run.compiled:
+        pipe.llm.compile_steps()
+        print("denoising steps compiled (torch.compile)")
+    measure_rows(pipe, scale, device, skip, report)
+    if not skipped("profile", skip):
+        found, _ = attempt("profile", lambda: profile(pipe, scale, device), device)
+        report.set("profile", found)
+    del pipe
+    if run.compiled:
+        torch._dynamo.reset()   # compiled code holds the model: the budgets part must find the device empty
+    release_memory(device)
 
 
-def budget_tasks(pipe: LancePipeline, scale: Scale, device: torch.device, limit: int) -> None:
-    v = scale.video
-    print(f"budget {readable(limit)}: {pipe.plan.describe()}", flush=True)
-    for name, fn in (
-            ("t2i", lambda: pipe.text_to_image(PROMPT, width=scale.image, height=scale.image, steps=scale.steps,
-                                               seed=42)),
-            ("t2v 121 frames, 2 steps", lambda: pipe.text_to_video(
-                "A boat at sunset", width=v[1], height=v[0], num_frames=scale.long_frames, steps=2)),
-            ("x2t 32 tokens", lambda: pipe.understand(None, "What is a fox?", max_new_tokens=32))):
-        took, memory = peak(device, fn)
-        print(f"  {name:26} {took:8.2f} s   peak {memory}", flush=True)
-
-
-def release_plans(gib: list[float]) -> None:
-    """The release's weights per group in bf16 (built on the meta device: no memory) and the plan each budget
-    picks with the working reserve of a 768^2 image (vram_plan.py's arithmetic; the budgets section runs them)."""
-    llm, vit, vae = release_architecture(torch.bfloat16)
+# ---------------------------------------------------------------- the budgets part
+def release_plans(gib: list[float], report: Report) -> None:
+    """The release's weights per group in bf16 (built on the meta device: no memory) and the plan each card size
+    picks with the working reserve of a 768^2 image (vram_plan.py's arithmetic; the budgets below run them)."""
+    llm, vit, vae = architecture(True, torch.bfloat16)
     sizes = WeightBytes.of(llm, vit, vae)
     work = working_reserve(llm.config, RELEASE_VAE["decoder_base_dim"], torch.bfloat16)
     print(f"release weights (bf16): understanding expert {readable(sizes.und)}, generation expert "
           f"{readable(sizes.gen)}, shared {readable(sizes.shared)} (LLM {readable(sizes.und + sizes.gen + sizes.shared)}), "
           f"ViT {readable(sizes.vit)}, VAE {readable(sizes.vae)}; all {readable(sizes.device_bytes(candidates()[0]))}; "
           f"working reserve of a 768^2 image {readable(work)}")
+    plans = []
     for g in gib:
-        budget = int(g * GIB) - DEVICE_MARGIN
+        entry = {"card_gib": g}
         try:
-            plan = choose_plan(budget, sizes, work)
-            print(f"  {g:g} GiB card: {plan.describe()} ({readable(sizes.device_bytes(plan))} of weights on the device)")
+            plan = choose_plan(int(g * GIB) - DEVICE_MARGIN, sizes, work)
+            entry.update(plan=plan.describe(), device_bytes=sizes.device_bytes(plan))
+            print(f"  {g:g} GiB card: {entry['plan']} ({readable(entry['device_bytes'])} of weights on the device)")
         except Exception as exc:  # noqa: BLE001 - a card too small is a result
-            print(f"  {g:g} GiB card: {str(exc).splitlines()[0]}")
+            entry["error"] = first_line(exc)
+            print(f"  {g:g} GiB card: {entry['error']}")
+        plans.append(entry)
+    report.set("release_plans", {"weights": asdict(sizes), "working_reserve_bytes": work, "cards": plans})
+
+
+def budget_limits(weights: Weights, gib: list[float], smoke: bool) -> list[int]:
+    """Bytes per budget: the --budget-gib sizes; smoke: from the tiny model's own weights, one per distinct plan."""
+    if not smoke:
+        return [int(g * GIB) for g in gib]
+    sizes, llm = weights.sizes(), weights.llm
+    work = working_reserve(llm.config, int(weights.vae.module.config.decoder_base_dim), llm.dtype)
+    limits = {}
+    for plan in candidates():
+        limit = sizes.device_bytes(plan) + work
+        limits.setdefault(choose_plan(limit, sizes, work), limit)
+    return list(limits.values())
+
+
+def budget_tasks(pipe: LancePipeline, scale: Scale) -> list[tuple[str, object]]:
+    v, image = scale.video, test_image(scale)
+    return [
+        ("t2i 768^2, 30 steps", lambda: pipe.text_to_image(PROMPT, width=scale.image, height=scale.image,
+                                                           steps=scale.steps, seed=42)),
+        ("t2v 480x848x121, 1 guided step + decode", lambda: pipe.text_to_video(
+            VIDEO_PROMPT, width=v[1], height=v[0], num_frames=scale.long_frames, steps=1, cfg_interval=(0.0, 1.0))),
+        (f"x2t {scale.answer_tokens} tokens about an image", lambda: pipe.understand(
+            image, "What is in this picture?", max_new_tokens=scale.answer_tokens, sampling=SamplingOptions())),
+    ]
+
+
+def one_budget(host: Weights, limit: int, run: "Run", entry: dict) -> None:
+    """A fresh placement of the host weights under the cap, then one run of each task."""
+    device, report = run.device, run.report
+    with memory_cap(device, limit):
+        entry["allocated_before_bytes"] = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        started = time.perf_counter()
+        # on CUDA the plan reads the capped allocator itself (memory.available_bytes), as a user's load would
+        pipe = pipeline(host.shallow_copy(), device, "auto", None if device.type == "cuda" else limit)
+        entry.update(plan=pipe.plan.describe(), place_s=time.perf_counter() - started,
+                     placed_bytes=torch.cuda.memory_allocated(device) if device.type == "cuda" else None)
+        report.save()
+        placed = f", {readable(entry['placed_bytes'])} placed" if entry["placed_bytes"] is not None else ""
+        print(f"budget {readable(limit)}: {entry['plan']} (placement {entry['place_s']:.1f} s{placed})", flush=True)
+        for name, task in budget_tasks(pipe, run.scale):
+            if skipped(name, run.skip):
+                continue
+            reset_peak(device)
+            result, error = attempt(name, lambda: seconds_and_result(task, device), device)
+            took, answer = result if result else (None, None)
+            task_entry = {"task": name, "seconds": took, **peak_bytes(device), "error": error}
+            if answer is not None and hasattr(answer, "token_ids"):
+                task_entry["tokens"] = len(answer.token_ids)
+            entry["tasks"].append(task_entry)
+            report.save()
+            if not error:
+                print(f"  {name:42} {took:8.2f} s   peak {shown(task_entry)}", flush=True)
+
+
+def seconds_and_result(task, device: torch.device) -> tuple[float, object]:
+    out = []
+    return seconds(lambda: out.append(task()), device), out[0]
+
+
+def budgets_part(run: "Run") -> None:
+    device, report = run.device, run.report
+    if not skipped("plans", run.skip):
+        attempt("plans", lambda: release_plans(run.gib, report), device)
+    started = time.perf_counter()
+    host = random_weights(not run.smoke, run.dtype, device).to("cpu")   # placements expect host memory
+    release_memory(device)
+    sizes = host.sizes()
+    report.set("budgets_model_built_s", time.perf_counter() - started)
+    report.set("weights", asdict(sizes))
+    print(f"random model built on {device} and moved to host memory in {time.perf_counter() - started:.1f} s; "
+          f"weights: understanding expert {readable(sizes.und)}, generation expert {readable(sizes.gen)}, "
+          f"shared {readable(sizes.shared)}, ViT {readable(sizes.vit)}, VAE {readable(sizes.vae)}", flush=True)
+    for limit in budget_limits(host, run.gib, run.smoke):
+        entry = report.append("budgets", {"budget_bytes": limit, "budget": readable(limit), "plan": None,
+                                           "place_s": None, "allocated_before_bytes": None, "placed_bytes": None,
+                                           "tasks": [], "error": None})
+        _, entry["error"] = attempt(f"budget {readable(limit)}", lambda: one_budget(host, limit, run, entry), device)
+        report.save()
+        release_memory(device)   # the next budget measures its own placement only
 
 
 # ---------------------------------------------------------------- op counts (eager, CPU, the tiny checkpoint)
@@ -312,60 +562,72 @@ def op_counts() -> tuple[float, float]:
     return step, token
 
 
-def run_sections(modules, scale: Scale, device: torch.device, skip: set[str], gib: list[float], smoke: bool,
-                 compiled: bool) -> None:
-    if not {"rows", "profile"} <= skip:
-        resident(modules, scale, device, skip, compiled)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()   # the resident copy is gone: the budgets measure their own placements only
-    if "budgets" not in skip:
-        guarded(lambda: budgets(modules, scale, device, gib, smoke))
+# ---------------------------------------------------------------- the run
+@dataclass
+class Run:
+    device: torch.device
+    dtype: torch.dtype
+    scale: Scale
+    smoke: bool
+    skip: set[str]
+    gib: list[float]
+    compiled: bool
+    report: Report
 
 
-def resident(modules, scale: Scale, device: torch.device, skip: set[str], compiled: bool) -> None:
-    pipe = pipeline(modules, device)
-    if compiled:
-        pipe.llm.compile_steps()
-        print("denoising steps compiled (torch.compile)")
-    if "rows" not in skip:
-        guarded(lambda: print_rows(rows(pipe, scale, device)))
-    if "profile" not in skip:
-        guarded(lambda: profile(pipe, scale, device))
+def skipped(name: str, skip: set[str]) -> bool:
+    return any(name.startswith(word) for word in skip)
 
 
-def guarded(run) -> None:
-    try:
-        run()
-    except Exception:  # noqa: BLE001 - one failing section must not hide the others
-        traceback.print_exc()
-    sys.stdout.flush()
+def default_json(part: str, smoke: bool) -> Path:
+    folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "out"
+    return folder / f"bench_gpu_{part}{'_smoke' if smoke else ''}.json"
+
+
+def host_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (a test runs this)")
     parser.add_argument("--budget-gib", default="8,12,16,24")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: rows, profile, budgets")
-    parser.add_argument("--compile", action="store_true", help="the speed rows with load_lance(compile=True)")
+    parser.add_argument("--skip", default="", help="comma-separated name prefixes of rows, tasks and sections "
+                                                   "(machine, profile, ops, plans) to skip")
+    parser.add_argument("--compile", action="store_true", help="the speed rows with the compiled denoising step")
+    parser.add_argument("--json", type=Path, help="where the figures go (default: see the module docstring)")
     args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-    device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke for the CPU path", file=sys.stderr)
         return 2
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    scale = SMOKE if args.smoke else Scale()
+    parts = PARTS if args.part == "all" else (args.part,)
+    device, dtype = compute_device(args.smoke), torch.float32 if args.smoke else torch.bfloat16
+    report = Report(args.json or default_json(args.part, args.smoke), part=args.part, smoke=args.smoke,
+                    torch=torch.__version__, cuda=torch.version.cuda, dtype=str(dtype), device=str(device),
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    scale=asdict(SMOKE if args.smoke else Scale()), budget_gib=args.budget_gib)
+    run = Run(device, dtype, SMOKE if args.smoke else Scale(), args.smoke, set(filter(None, args.skip.split(","))),
+              [float(g) for g in args.budget_gib.split(",")], args.compile, report)
     started = time.perf_counter()
-    print(f"torch {torch.__version__}, {'smoke (CPU, toy sizes)' if args.smoke else 'release configuration'}, {dtype}")
-    machine(device, dtype)
-    gib = [float(g) for g in args.budget_gib.split(",")]
-    release_plans(gib)
-    modules = random_modules(args.smoke, dtype)
-    print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
-    run_sections(modules, scale, device, skip, gib, args.smoke, args.compile)
-    step, token = op_counts()
-    print(f"total {time.perf_counter() - started:.0f} s")
-    print(f"ops per layer-step {step:.1f}, ops per layer-token {token:.1f}")
+    print(f"torch {torch.__version__}, {'smoke (CPU, toy sizes)' if args.smoke else 'release configuration'}, {dtype}, "
+          f"part {args.part}; figures also in {report.path}", flush=True)
+    part_seconds = {}
+    for part in parts:
+        part_started = time.perf_counter()
+        attempt(f"{part} part", lambda: (speed_part if part == "speed" else budgets_part)(run), device)
+        part_seconds[part] = time.perf_counter() - part_started
+        report.set("part_seconds", part_seconds)
+        print(f"{part} part: {part_seconds[part]:.0f} s", flush=True)
+    ops = None
+    if "speed" in parts and not skipped("ops", run.skip):
+        ops, _ = attempt("ops", op_counts, device)
+        report.set("ops", ops and {"per_layer_step": ops[0], "per_layer_token": ops[1]})
+    report.set("host_peak_bytes", host_peak_bytes())
+    report.set("seconds", time.perf_counter() - started)
+    print(f"total {report.data['seconds']:.0f} s (host memory peak {readable(report.data['host_peak_bytes'])})")
+    if ops:
+        print(f"ops per layer-step {ops[0]:.1f}, ops per layer-token {ops[1]:.1f}")
     return 0
 
 

@@ -16,9 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("LANCE_GOLDEN") or REPO / "tests" / "golden")
 
 
+def cuda_device(index: int | None = None) -> torch.device:
+    """A CUDA device with its index spelled out: some torch.cuda calls (set_per_process_memory_fraction) refuse
+    an index-less "cuda"."""
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(cuda_device(device.index))
 
 
 def seconds(fn, device: torch.device) -> float:
