@@ -61,7 +61,8 @@ from lance_model.session import LanceSession  # noqa: E402
 from lance_model.tokenizer import LanceTokenizer  # noqa: E402
 from lance_model.vae import LanceVAE, _architecture_from_weights, _build_module, convert_wan_vae_keys  # noqa: E402
 from lance_model.vit import LanceViT, load_vit_config  # noqa: E402
-from lance_model.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, choose_plan, working_reserve  # noqa: E402
+from lance_model.vram_plan import (DEVICE_MARGIN, STREAM_AHEAD, WeightBytes, candidates, choose_plan,  # noqa: E402
+                                   working_reserve)
 
 PROMPT = "A red fox standing in a snowy birch forest at dawn, soft golden light, photorealistic, detailed fur."
 VIDEO_PROMPT = "A small boat sails across a calm lake at sunset."
@@ -148,6 +149,8 @@ def architecture(release: bool, dtype: torch.dtype):
         convert_wan_vae_keys(load_torch_state_dict(GOLDEN / "checkpoint" / "Wan2.2_VAE.pth")), GOLDEN)
     if release:
         llm_raw, vit_raw, vae_arch = {**llm_raw, **REAL_LLM}, {**vit_raw, **REAL_VIT}, {**vae_arch, **RELEASE_VAE}
+    else:   # enough layers that streaming an expert saves memory, so every plan is a distinct budget
+        llm_raw = {**llm_raw, "num_hidden_layers": max(llm_raw["num_hidden_layers"], STREAM_AHEAD + 2)}
     with tempfile.TemporaryDirectory() as folder:   # the ViT config is read from a file, as a release has it
         vit_config = Path(folder) / "config.json"
         vit_config.write_text(json.dumps(vit_raw))
@@ -178,7 +181,7 @@ def pipeline(weights: Weights, device: torch.device, memory: str = "resident",
     if memory == "resident":
         weights.to(device)
     else:
-        plan, streamer = place(memory, weights.llm, weights.vit, weights.vae, device, budget, (), False)
+        plan, streamer = place(memory, weights.llm, weights.vit, weights.vae, device, budget, ())
     return LancePipeline(LanceSession(paths, weights.llm, tokenizer, weights.vit, weights.vae, memory, device, {},
                                       plan, streamer))
 
