@@ -65,6 +65,7 @@ def test_cancel_inside_a_compiled_step_and_usable_afterwards(compiled):
     again = compiled.text_to_image("a cat", cancel=lambda: False, **SMALL).latents
     assert torch.equal(again, reference)
     assert compilations() == before, "a call's cancel hooks made the compiled step recompile"
+    assert compiled.llm.compiles_steps, "the compiled step fell back to eager"
 
 
 def cancel_from(poll: int):
