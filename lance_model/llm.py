@@ -174,14 +174,12 @@ class CacheSlot:
 
 
 class BlockAttention:
-    """Binds one block's cache slots, so a layer passes only its index and q, k, v ([B, L, heads, D]). The
-    block's keys/values of every slot are written with one indexed store per tensor; each slot then attends to
-    its own rows of the cache."""
+    """Binds one block's cache slots, so a layer passes only its index and q, k, v ([B, L, heads, D]). Each slot
+    stores its rows' keys/values of the block in the cache and attends to its own rows of the cache up to there."""
 
     def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool,
-                 length: int, index: tuple[torch.Tensor, torch.Tensor] | None, reads: list | None = None):
+                 reads: list | None = None):
         self.backend, self.cache, self.slots, self.causal = backend, cache, slots, causal
-        self.length, self.index = length, index
         # per layer, per slot: (keys, values) views up to the block's end (a caller that runs the same layout every
         # denoising step makes them once)
         self.reads = reads
@@ -189,20 +187,41 @@ class BlockAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n = q.shape[:2]
         qt = q.transpose(1, 2)
-        if self.cache is None:
+        views = self._cache_views(layer, n)
+        if views is None:
             out = self.backend(qt, k.transpose(1, 2), v.transpose(1, 2), causal_bottom_right=self.causal)
         else:
-            self.cache.store(layer, self.index, k, v)
             outputs, first = [], 0
-            for number, slot in enumerate(self.slots):
-                rows = slot.rows.stop - slot.rows.start
-                keys, values = (self.reads[layer][number] if self.reads is not None
-                                else self.cache.read(layer, slot.start + n, slot.rows))
-                part = qt if rows == b else qt[first:first + rows]
+            for keys, values in views:
+                rows = keys.shape[0]
+                block = slice(first, first + rows)
+                # the block's positions are the views' last n: stored there, then attended with the rest (so a
+                # compiled step's only cache inputs are these views, whose length it takes as symbolic)
+                keys[:, :, -n:] = k[block].transpose(1, 2)
+                values[:, :, -n:] = v[block].transpose(1, 2)
+                part = qt if rows == b else qt[block]
                 outputs.append(self.backend(part, keys, values, causal_bottom_right=self.causal))
                 first += rows
             out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return out.transpose(1, 2).reshape(b, n, -1)
+
+    def _cache_views(self, layer: int, n: int) -> list | None:
+        """Per slot, (keys, values) views of its cache rows up to the block's end; None without a cache."""
+        if self.reads is not None:
+            return self.reads[layer]
+        if self.cache is None:
+            return None
+        return [self.cache.read(layer, slot.start + n, slot.rows) for slot in self.slots]
+
+
+def mark_key_lengths_dynamic(reads: list | None) -> None:
+    """The compiled step's cache views (BlockAttention.reads) are as long as their slot's prefix plus the block:
+    symbolic for torch.compile, so one compilation serves every prompt of a layout. A marked dimension is not
+    duck-shaped either (two slots of equal length in the first step are not assumed equal afterwards); only lengths
+    0 and 1 would be specialized, and a key length is at least the block's."""
+    for keys, values in (pair for per_slot in reads or () for pair in per_slot):
+        torch._dynamo.mark_dynamic(keys, 2)
+        torch._dynamo.mark_dynamic(values, 2)
 
 
 class QwenMoTModel(nn.Module):
@@ -245,7 +264,6 @@ class LanceLLM(nn.Module):
         self.rotary = MultimodalRotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.attention = attention or Attention("sdpa")
         self.execution_device: torch.device | None = None
-        self._store_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step_layers = None   # the decoder stack of denoising steps, compiled (compile_steps)
 
     @property
@@ -259,8 +277,11 @@ class LanceLLM(nn.Module):
         return self.execution_device or self.vae2llm.weight.device
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """A cache for `capacity` positions, plus one spare: then no slot's read view spans a whole cache row,
+        and a compiled step sees the same view layout for every prompt (a view as long as the capacity would look
+        contiguous to torch.compile, which then ties its strides to its length and recompiles when they part)."""
         cfg = self.config
-        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device)
+        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity + 1, cfg.head_dim, self.dtype, self.device)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         embeds = self.language_model.model.embed_tokens(ids if ids.device == self.device else ids.to(self.device))
@@ -287,7 +308,7 @@ class LanceLLM(nn.Module):
         calls). With a cache, the block's keys/values are written at [start, start + L) of cache `rows` and
         attention reads the cache up to there; `slots` gives several such (rows, start) groups, in batch order
         (and `reads` their cache views per layer, from `kv_reads`, when the caller keeps them). `step`: a denoising
-        step (the same shapes every call), run compiled when compile_steps() was called.
+        step (the same shapes every call, with its `reads`), run compiled when compile_steps() was called.
         Returns the hidden states, final-normed (und rows: model.norm, gen rows: model.norm_moe_gen) unless
         `final_norm` is False."""
         rope = positions if isinstance(positions, Rope) else self.rope(positions)
@@ -297,24 +318,31 @@ class LanceLLM(nn.Module):
         if cache is not None and max(s.start for s in slots) + hidden.shape[1] > cache.capacity:
             raise RuntimeError(f"KV cache overflow: a block of {hidden.shape[1]} tokens from position "
                                f"{max(s.start for s in slots)} does not fit the capacity {cache.capacity}")
-        index = self.store_index(slots, hidden.shape[1]) if cache is not None else None
-        attend = BlockAttention(self.attention, cache, slots or [], causal, hidden.shape[1], index, reads)
-        if step and self._step_layers is not None:
+        attend = BlockAttention(self.attention, cache, slots or [], causal, reads)
+        if step and self.compiles_steps:
             return self._compiled_step(hidden, rope, routing, attend, final_norm)
         return self.run_layers(hidden, rope, routing, attend, final_norm)
 
     def compile_steps(self) -> None:
-        """Denoising steps run the decoder stack through torch.compile (static shapes: one compilation per
-        request layout, then norms, rotary, SiLU-mul and residual adds fuse). Where compilation is unavailable the
-        first step says so once and everything runs eagerly."""
-        self._step_layers = torch.compile(self.run_layers, dynamic=False)
+        """Denoising steps run the decoder stack through torch.compile: one compilation per request layout
+        (resolution and CFG rows) whatever the prompts' lengths, then norms, rotary, SiLU-mul and residual adds
+        fuse. Where compilation is unavailable the first step says so once and everything runs eagerly.
+        The compiled function is the class's (a compiled bound method would make the LLM hold itself, and a
+        dropped pipeline would keep its weights until a full garbage collection)."""
+        self._step_layers = torch.compile(LanceLLM.run_layers, dynamic=False)
         self._step_checked = False
 
+    @property
+    def compiles_steps(self) -> bool:
+        """Denoising steps run compiled (their layers without hooks: see run_layers)."""
+        return self._step_layers is not None
+
     def _compiled_step(self, hidden, rope, routing, attend, final_norm) -> torch.Tensor:
+        mark_key_lengths_dynamic(attend.reads)
         if self._step_checked:
-            return self._step_layers(hidden, rope, routing, attend, final_norm)
+            return self._run_compiled(hidden, rope, routing, attend, final_norm)
         try:
-            out = self._step_layers(hidden, rope, routing, attend, final_norm)
+            out = self._run_compiled(hidden, rope, routing, attend, final_norm)
         except (torch.OutOfMemoryError, Cancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the eager step, once
@@ -325,16 +353,21 @@ class LanceLLM(nn.Module):
         self._step_checked = True
         return out
 
+    def _run_compiled(self, hidden, rope, routing, attend, final_norm) -> torch.Tensor:
+        return self._step_layers(self, hidden, rope, routing, attend, final_norm, hooks=False)
+
     def kv_reads(self, cache: KVCache, slots: list[CacheSlot], length: int) -> list:
         """Per layer, per slot, the cache views a block of `length` tokens attends to (see forward)."""
         return [[cache.read(layer, s.start + length, s.rows) for s in slots] for layer in range(len(cache.kv))]
 
     def run_layers(self, hidden: torch.Tensor, rope: Rope, routing: Routing, attend,
-                   final_norm: bool = True) -> torch.Tensor:
-        """The decoder stack with a given attention binding (`attend(layer_index, q, k, v)`)."""
+                   final_norm: bool = True, hooks: bool = True) -> torch.Tensor:
+        """The decoder stack with a given attention binding (`attend(layer_index, q, k, v)`). `hooks=False` (the
+        compiled step) calls each layer's forward directly: a call's hooks (cancel polls, session.py) must neither
+        be traced into the graph nor make it recompile; the LLM's own pre-hook polls around the compiled stack."""
         x = hidden
         for layer in self.language_model.model.layers:
-            x = layer(x, rope, routing, attend)
+            x = layer(x, rope, routing, attend) if hooks else layer.forward(x, rope, routing, attend)
         return self.final_norm(x, routing) if final_norm else x
 
     def final_norm(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -344,17 +377,6 @@ class LanceLLM(nn.Module):
         if minor is not None:
             routing.overwrite((y,), ((model.norm if routing.major_gen else model.norm_moe_gen)(minor),))
         return y
-
-    def store_index(self, slots: list[CacheSlot], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows [R, 1], positions [R, L]) where a block of `length` tokens is stored for these slots (kept: the
-        same layout comes back every denoising step)."""
-        key = (tuple((s.rows.start, s.rows.stop, s.start) for s in slots), length, str(self.device))
-        if key not in self._store_index:
-            rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) for s in slots])
-            starts = torch.cat([torch.full((s.rows.stop - s.rows.start,), s.start) for s in slots])
-            self._store_index[key] = (rows.view(-1, 1).to(self.device),
-                                      (starts.view(-1, 1) + torch.arange(length)).to(self.device))
-        return self._store_index[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.language_model.lm_head(hidden)

@@ -140,10 +140,12 @@ class LanceSession(nn.Module):
                 torch.cuda.empty_cache()
 
     def _cancel_points(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Where a long stage polls: every LLM layer, every ViT block, every VAE decoder/encoder call (the Wan VAE
-        calls its decoder once per latent frame and its encoder once per chunk of frames)."""
+        """Where a long stage polls: every LLM layer (and every LLM forward where denoising steps are compiled: they
+        call their layers without hooks), every ViT block, every VAE decoder/encoder call (the Wan VAE calls its
+        decoder once per latent frame and its encoder once per chunk of frames)."""
         if module is self.llm:
-            return [(f"LLM layer {i}", layer) for i, layer in enumerate(self.llm.language_model.model.layers)]
+            layers = [(f"LLM layer {i}", layer) for i, layer in enumerate(self.llm.language_model.model.layers)]
+            return ([("LLM forward", self.llm)] if self.llm.compiles_steps else []) + layers
         if module is self.vit_module:
             return [(f"ViT block {i}", block) for i, block in enumerate(self.vit_module.blocks)]
         return [("VAE decode", module.decoder), ("VAE encode", module.encoder)]

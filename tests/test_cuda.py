@@ -239,3 +239,26 @@ def test_cuda_streamed_decode_ends_at_a_stop_token_inside_a_chunk(cuda_fp32, gol
     full = cuda_fp32.understand(golden.input_media("x2t_image"), question, instruction=instruction,
                                 resolution="image_256res", max_new_tokens=len(ids), on_token=seen.append)
     assert full.token_ids == ids and len(reads) == math.ceil(len(ids) / STREAM_CHUNK_TOKENS)
+
+
+# ---------------------------------------------------------------- the compiled denoising step (#25)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_step_cuda_equals_eager_and_compiles_once(golden, dtype, request):
+    """load_lance(compile=True) on the GPU: the eager step's latents (fp32: the manifest's latent tolerance; bf16:
+    5% of their range, fusion rounds differently) and one compilation for prompts of several lengths."""
+    from lance_model import load_lance
+
+    eager = request.getfixturevalue("cuda_fp32" if dtype == "fp32" else "cuda_bf16")
+    compiled = load_lance(golden.checkpoint, dtype=dtype, device="cuda", compile=True)
+    torch._dynamo.reset()   # compiled code is shared by every LLM in the process: start from none
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompts = [("a cat", ""), ("a red cat on a green mat", ""), ("dog", "blurry, dark, noisy, washed out"),
+               ("a red cat sitting on a big green mat in the sun, photographed from above", "")]
+    for prompt, negative in prompts:
+        options = dict(width=64, height=64, steps=3, seed=1, decode=False, negative_prompt=negative)
+        ours = compiled.text_to_image(prompt, **options).latents
+        reference = eager.text_to_image(prompt, **options).latents
+        tol = golden.tolerance("out/latent.0") if dtype == "fp32" else 0.05 * float(reference.abs().max())
+        assert_close(ours, reference, tol, f"cuda {dtype} compiled vs eager step ({prompt!r})")
+    assert compiled.llm.compiles_steps, "the compiled step fell back to eager"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
