@@ -18,7 +18,7 @@ import torch
 from .config import LLMConfig
 from .errors import InputError
 from .kv_cache import KVCache
-from .llm import CacheSlot, LanceLLM, Routing, prefill_splits, visual_block_routing
+from .llm import BlockLayout, CacheSlot, LanceLLM, Routing, prefill_splits, visual_block_routing
 from .packing import CAPTION_CODES, MEDIA_CODES, drop_codes, has_media
 from .positions import Rope, latent_position_embedding
 from .prefix_store import PrefixStore
@@ -177,7 +177,7 @@ class BranchEngine:
         self.slots: dict[tuple, BranchSlot] = {}
         self._per_request: dict[int, tuple[GenerationInputs, torch.Tensor, TargetBlock]] = {}
         self._ropes: dict[tuple, Rope] = {}                     # the query's rotary tables per slot layout
-        self._reads: dict[tuple, list] = {}                     # the query's cache views per slot layout
+        self._layouts: dict[tuple, BlockLayout] = {}            # where the query goes, per slot layout
         self._times: dict[float, torch.Tensor] = {}             # time embeddings [1, 1, H] per timestep
 
     @property
@@ -194,7 +194,7 @@ class BranchEngine:
         wanted = sorted({b.key: b for b in known + branches}.values(), key=lambda b: b.rank)
         capacity = max(b.inputs.seq.target_split.end for b in wanted)
         self.cache = self.llm.new_cache(rows * len(wanted), capacity)
-        self.branches, self.slots, self.rows, self._ropes, self._reads = {}, {}, rows, {}, {}
+        self.branches, self.slots, self.rows, self._ropes, self._layouts = {}, {}, rows, {}, {}
         keys = self._store_keys(wanted)
         for index, (branch, key) in enumerate(zip(wanted, keys)):
             row = index * rows
@@ -300,10 +300,10 @@ class BranchEngine:
         """One forward of `query` [rows, L, H], laid out slot after slot, against the cache. -> [rows, N, C] fp32."""
         cache_slots = [CacheSlot(s.rows, s.length) for s in slots]
         key = tuple(id(s) for s in slots)
-        if key not in self._reads:
-            self._reads[key] = self.llm.kv_reads(self.cache, cache_slots, query.shape[1])
+        if key not in self._layouts:
+            self._layouts[key] = BlockLayout.of(self.cache, cache_slots, query.shape[1])
         hidden = self.llm(query, self._rope(slots), block.routing, cache=self.cache, causal=False, slots=cache_slots,
-                          final_norm=False, reads=self._reads[key], step=True)
+                          final_norm=False, layout=self._layouts[key], step=True)
         latents = self.llm.language_model.model.norm_moe_gen(hidden[:, 1:-1])   # the markers' outputs are unused
         return self.llm.velocity(latents)
 

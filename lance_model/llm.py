@@ -173,53 +173,63 @@ class CacheSlot:
     start: int
 
 
-class BlockAttention:
-    """Binds one block's cache slots, so a layer passes only its index and q, k, v ([B, L, heads, D]). Each slot
-    stores its rows' keys/values of the block in the cache and attends to its own rows of the cache up to there."""
+@dataclass
+class BlockLayout:
+    """Where a block of `length` tokens goes for some cache slots: per layer, per slot, the (keys, values) views of
+    the slot's cache rows up to the block's end (what it attends to), and (rows [R, 1], positions [R, L]) where its
+    keys/values are stored. A caller that runs the same layout every denoising step makes it once."""
 
-    def __init__(self, backend: Attention, cache: KVCache | None, slots: list[CacheSlot], causal: bool,
-                 reads: list | None = None):
-        self.backend, self.cache, self.slots, self.causal = backend, cache, slots, causal
-        # per layer, per slot: (keys, values) views up to the block's end (a caller that runs the same layout every
-        # denoising step makes them once)
-        self.reads = reads
+    reads: list
+    index: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, cache: KVCache, slots: list[CacheSlot], length: int) -> "BlockLayout":
+        device = cache.kv[0].device
+        rows = torch.cat([torch.arange(s.rows.start, s.rows.stop, device=device) for s in slots])
+        starts = torch.cat([torch.full((s.rows.stop - s.rows.start,), s.start, device=device) for s in slots])
+        index = rows.view(-1, 1), starts.view(-1, 1) + torch.arange(length, device=device)
+        reads = [[cache.read(layer, s.start + length, s.rows) for s in slots] for layer in range(len(cache.kv))]
+        return cls(reads, index)
+
+
+class BlockAttention:
+    """Binds one block's cache slots, so a layer passes only its index and q, k, v ([B, L, heads, D]). The block's
+    keys/values of every slot are stored with one indexed store per layer; each slot then attends to its own rows of
+    the cache up to there. `compiled`: stored through each slot's views instead (the compiled step's only cache
+    inputs are then those views, whose length it takes as symbolic; the copies fuse there)."""
+
+    def __init__(self, backend: Attention, cache: KVCache | None, layout: BlockLayout | None, causal: bool,
+                 compiled: bool = False):
+        self.backend, self.cache, self.layout, self.causal, self.compiled = backend, cache, layout, causal, compiled
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n = q.shape[:2]
         qt = q.transpose(1, 2)
-        views = self._cache_views(layer, n)
-        if views is None:
+        if self.layout is None:
             out = self.backend(qt, k.transpose(1, 2), v.transpose(1, 2), causal_bottom_right=self.causal)
-        else:
-            outputs, first = [], 0
-            for keys, values in views:
-                rows = keys.shape[0]
-                block = slice(first, first + rows)
-                # the block's positions are the views' last n: stored there, then attended with the rest (so a
-                # compiled step's only cache inputs are these views, whose length it takes as symbolic)
+            return out.transpose(1, 2).reshape(b, n, -1)
+        if not self.compiled:
+            self.cache.store(layer, self.layout.index, k, v)
+        outputs, first = [], 0
+        for keys, values in self.layout.reads[layer]:
+            rows = keys.shape[0]
+            block = slice(first, first + rows)
+            if self.compiled:   # the block's positions are the views' last n
                 keys[:, :, -n:] = k[block].transpose(1, 2)
                 values[:, :, -n:] = v[block].transpose(1, 2)
-                part = qt if rows == b else qt[block]
-                outputs.append(self.backend(part, keys, values, causal_bottom_right=self.causal))
-                first += rows
-            out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            part = qt if rows == b else qt[block]
+            outputs.append(self.backend(part, keys, values, causal_bottom_right=self.causal))
+            first += rows
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return out.transpose(1, 2).reshape(b, n, -1)
 
-    def _cache_views(self, layer: int, n: int) -> list | None:
-        """Per slot, (keys, values) views of its cache rows up to the block's end; None without a cache."""
-        if self.reads is not None:
-            return self.reads[layer]
-        if self.cache is None:
-            return None
-        return [self.cache.read(layer, slot.start + n, slot.rows) for slot in self.slots]
 
-
-def mark_key_lengths_dynamic(reads: list | None) -> None:
-    """The compiled step's cache views (BlockAttention.reads) are as long as their slot's prefix plus the block:
+def mark_key_lengths_dynamic(layout: BlockLayout | None) -> None:
+    """The compiled step's cache views (BlockLayout.reads) are as long as their slot's prefix plus the block:
     symbolic for torch.compile, so one compilation serves every prompt of a layout. A marked dimension is not
     duck-shaped either (two slots of equal length in the first step are not assumed equal afterwards); only lengths
     0 and 1 would be specialized, and a key length is at least the block's."""
-    for keys, values in (pair for per_slot in reads or () for pair in per_slot):
+    for keys, values in (pair for per_slot in (layout.reads if layout else ()) for pair in per_slot):
         torch._dynamo.mark_dynamic(keys, 2)
         torch._dynamo.mark_dynamic(values, 2)
 
@@ -302,13 +312,13 @@ class LanceLLM(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor | Rope, routing: Routing, *,
                 cache: KVCache | None = None, start: int = 0, causal: bool = True, rows: slice = slice(None),
-                slots: list[CacheSlot] | None = None, final_norm: bool = True, reads: list | None = None,
+                slots: list[CacheSlot] | None = None, final_norm: bool = True, layout: BlockLayout | None = None,
                 step: bool = False) -> torch.Tensor:
         """Run one block. hidden [B, L, H], positions [B, 3, L] (or their Rope, when a caller keeps it across
         calls). With a cache, the block's keys/values are written at [start, start + L) of cache `rows` and
         attention reads the cache up to there; `slots` gives several such (rows, start) groups, in batch order
-        (and `reads` their cache views per layer, from `kv_reads`, when the caller keeps them). `step`: a denoising
-        step (the same shapes every call, with its `reads`), run compiled when compile_steps() was called.
+        (and `layout` where they go, BlockLayout.of, when the caller keeps it). `step`: a denoising step (the same
+        shapes every call, with its `layout`), run compiled when compile_steps() was called.
         Returns the hidden states, final-normed (und rows: model.norm, gen rows: model.norm_moe_gen) unless
         `final_norm` is False."""
         rope = positions if isinstance(positions, Rope) else self.rope(positions)
@@ -318,8 +328,11 @@ class LanceLLM(nn.Module):
         if cache is not None and max(s.start for s in slots) + hidden.shape[1] > cache.capacity:
             raise RuntimeError(f"KV cache overflow: a block of {hidden.shape[1]} tokens from position "
                                f"{max(s.start for s in slots)} does not fit the capacity {cache.capacity}")
-        attend = BlockAttention(self.attention, cache, slots or [], causal, reads)
-        if step and self.compiles_steps:
+        if cache is not None and layout is None:
+            layout = BlockLayout.of(cache, slots, hidden.shape[1])
+        compiled = step and self.compiles_steps
+        attend = BlockAttention(self.attention, cache, layout, causal, compiled)
+        if compiled:
             return self._compiled_step(hidden, rope, routing, attend, final_norm)
         return self.run_layers(hidden, rope, routing, attend, final_norm)
 
@@ -338,7 +351,7 @@ class LanceLLM(nn.Module):
         return self._step_layers is not None
 
     def _compiled_step(self, hidden, rope, routing, attend, final_norm) -> torch.Tensor:
-        mark_key_lengths_dynamic(attend.reads)
+        mark_key_lengths_dynamic(attend.layout)
         if self._step_checked:
             return self._run_compiled(hidden, rope, routing, attend, final_norm)
         try:
@@ -355,10 +368,6 @@ class LanceLLM(nn.Module):
 
     def _run_compiled(self, hidden, rope, routing, attend, final_norm) -> torch.Tensor:
         return self._step_layers(self, hidden, rope, routing, attend, final_norm, hooks=False)
-
-    def kv_reads(self, cache: KVCache, slots: list[CacheSlot], length: int) -> list:
-        """Per layer, per slot, the cache views a block of `length` tokens attends to (see forward)."""
-        return [[cache.read(layer, s.start + length, s.rows) for s in slots] for layer in range(len(cache.kv))]
 
     def run_layers(self, hidden: torch.Tensor, rope: Rope, routing: Routing, attend,
                    final_norm: bool = True, hooks: bool = True) -> torch.Tensor:
