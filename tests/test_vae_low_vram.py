@@ -126,8 +126,8 @@ def test_a_tiled_decode_asked_for_is_not_retried(core_vae, nodes, tiny_model, la
     import nodes as core_nodes
 
     from lance_nodes.errors import OutOfMemory
-    calls = []
-    monkeypatch.setattr(tiny_model.pipe.vae, "decode", out_of_memory(tiny_model.pipe.vae, "decode", calls, tiled_too=True))
+    vae, calls = tiny_model.pipe.vae, []
+    monkeypatch.setattr(vae, "decode", out_of_memory(vae, "decode", calls, tiled_too=True))
     with pytest.raises(OutOfMemory, match=rf"ran out of memory on cpu, tiled \({OOM_}\); free device memory"):
         core_nodes.VAEDecodeTiled().decode(core_vae, latent, 256, 64, 64, 8)
     assert calls == [True]
