@@ -1,7 +1,6 @@
 """One whole generation run: noise, the up-front memory estimate, sampling, decoding and the result."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -9,15 +8,13 @@ import torch
 
 from .branches import BranchEngine
 from .context import LanceContext, Turn
-from .errors import DecodeOutOfMemory, InputError, OutOfMemory, first_line
+from .errors import DecodeOutOfMemory, InputError
 from .memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
 from .request import GenerationInputs, LatentGrid, tokens_to_video
 from .sampler import FlowSampler, SamplerOptions, StepInfo
 from .session import LanceSession
 from .settings import MAX_BATCH, GenerationSettings
 from .validation import require_callable, require_finite_tensor
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,34 +121,31 @@ def step_hook(grid: LatentGrid, settings: GenerationSettings, observer):
 def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> torch.Tensor:
     """Decode the latents a run sampled. Out of memory does not lose them: what sampling left on the device is
     freed and the decode is retried with the VAE tiled; if that fails too, DecodeOutOfMemory carries `sampled`."""
-    try:
-        return decode(session, sampled.latents, cancel)
-    except (torch.OutOfMemoryError, OutOfMemory) as exc:
-        first = first_line(exc, type(exc).__name__)
-    session.free_after_sampling()
-    log.warning("VAE decode ran out of memory (%s): retrying tiled after freeing the sampling's memory", first)
-    try:
-        return decode(session, sampled.latents, cancel, tiled=True)
-    except (torch.OutOfMemoryError, OutOfMemory) as exc:
-        second = first_line(exc, type(exc).__name__)
-    session.free_after_sampling()
-    raise DecodeOutOfMemory(f"sampling finished, but decoding its latents ran out of memory on {session.device}, "
-                            f"untiled ({first}) and tiled ({second}); the latents are kept (this error's `result`, "
-                            f"the node's saved LATENT): decode them later, tiled, or on a larger device", sampled)
+    def give_up(tried: str) -> DecodeOutOfMemory:
+        return DecodeOutOfMemory(f"sampling finished, but decoding its latents ran out of memory on {session.device}, "
+                                 f"{tried}; the latents are kept (this error's `result`, the node's saved LATENT): "
+                                 f"decode them later, tiled, or on a larger device", sampled)
+    return session.tiled_fallback(lambda: decode(session, sampled.latents, cancel), "VAE decode", give_up)
 
 
-def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None,
-           tiled: bool = False) -> torch.Tensor:
-    """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32); `cancel` is polled
-    before every latent frame; `tiled`: the VAE decodes in spatial tiles (less memory, slightly other pixels)."""
+def decode_latents(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None,
+                   tiled: bool) -> torch.Tensor:
+    """A decode on its own (`tiled` as asked): out of memory untiled, it is retried tiled after freeing; a second
+    failure is an OutOfMemory saying what to do."""
+    with session.vae.tiled(tiled):
+        return session.tiled_fallback(lambda: decode(session, latents, cancel), "VAE decode")
+
+
+def decode(session: LanceSession, latents: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32), with the VAE as it is set
+    (tiled or not); `cancel` is polled before every latent frame."""
     check_latents(session, latents, "latents")
     require_callable(cancel, "cancel")
-    with session.vae.tiled(tiled):
-        estimate_ = Estimate()
-        add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
-        session.check(estimate_)
-        with session.running(session.vae.module, cancel), torch.inference_mode():
-            pixels = session.vae.decode(latents)
+    estimate_ = Estimate()
+    add_decode(session, estimate_, LatentGrid(*latents.shape[2:]), latents.shape[0])
+    session.check(estimate_)
+    with session.running(session.vae.module, cancel), torch.inference_mode():
+        pixels = session.vae.decode(latents)
     return ((pixels.cpu() + 1) / 2).permute(0, 2, 3, 4, 1).contiguous()
 
 

@@ -17,7 +17,7 @@ from .generation import GenerationResult
 from .loader import load_session
 from .request import GenerationInputs
 from .sampler import StepInfo
-from .session import LanceSession, task
+from .session import SCOPE_VAE, LanceSession, task
 from .settings import GenerationSettings
 from .text_generation import UnderstandingResult
 from .understanding import SamplingOptions
@@ -113,31 +113,35 @@ class LancePipeline:
                               settings=settings, negative_prompt=settings.negative_prompt)
         return generation.run(self.session, "video_edit", instruction, inputs, settings)
 
-    @task
+    @task(scope=SCOPE_VAE)
     def decode_latents(self, latents: torch.Tensor, cancel: Callable[[], bool] | None = None,
                        tiled: bool = False) -> torch.Tensor:
         """Normalized latents [B, C, t, h, w] -> frames [B, T, H, W, 3] in 0..1 (CPU, fp32). At most the model's
         latent size per side and latent frames; `cancel` is polled before every latent frame; `tiled` decodes in
-        spatial tiles (less memory; the pixels differ slightly from the reference)."""
-        return generation.decode(self.session, latents, cancel, tiled=tiled)
+        spatial tiles (less memory; the pixels differ slightly from the reference). An untiled decode that runs out
+        of memory is retried tiled after freeing; OutOfMemory when that fails too. Only the VAE runs (a host is
+        told so: it need not load the rest)."""
+        return generation.decode_latents(self.session, latents, cancel, tiled)
 
-    @task
+    @task(scope=SCOPE_VAE)
     def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None,
                            what: str = "latents", tiled: bool = False) -> torch.Tensor:
-        """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3]; checked like
-        decode_latents before anything is computed from them. `what` names the input in errors."""
+        """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3], as decode_latents;
+        checked like decode_latents before anything is computed from them. `what` names the input in errors."""
         generation.check_latents(self.session, samples, what)
-        return generation.decode(self.session, self.vae.normalize(samples), cancel, tiled=tiled)
+        return generation.decode_latents(self.session, self.vae.normalize(samples), cancel, tiled)
 
-    @task
+    @task(scope=SCOPE_VAE)
     def encode_raw_latents(self, frames: torch.Tensor, cancel: Callable[[], bool] | None = None,
                            what: str = "frames", tiled: bool = False) -> torch.Tensor:
         """The inverse of decode_raw_latents: frames [T, H, W, 3] in 0..1 (T = 4k+1, H and W multiples of 16) ->
         un-normalized Wan2.2 latents [1, C, t, h, w], the VAE posterior mean (CPU, fp32). No resizing: the
-        frames are encoded as given. `what` names the input in errors."""
+        frames are encoded as given. Out of memory untiled: retried tiled after freeing, as decode_latents. `what`
+        names the input in errors."""
         encoders.check_frames(self.session, frames, what)
         with self.vae.tiled(tiled):
-            return encoders.raw_latents(self.session, frames, cancel)
+            return self.session.tiled_fallback(lambda: encoders.raw_latents(self.session, frames, cancel),
+                                               "VAE encode")
 
     # -- understanding ----------------------------------------------------------------------------------
     @task

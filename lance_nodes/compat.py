@@ -16,6 +16,14 @@ Differences handled (checked against 0.3.64's comfy_api/latest and upstream mast
   main.py rebinds to ModelPatcherDynamic, and registers `cached_patcher_init` reload factories. 0.3.64 has
   neither: `model_patcher()` falls back to ModelPatcher and skips the factory. `weight_device()` says where the
   weights go (RAM when they are streamed).
+- Partial (low-VRAM) loads of our one patcher differ for the ViT and VAE, plain torch layers (the LLM is built
+  from comfy.ops.manual_cast and is cast per use when it does not fit). 0.3.64's ModelPatcher loads whole layers,
+  largest first, while they fit the budget and leaves a plain layer that does not fit where it is (in RAM); under
+  pressure `partially_unload` sends loaded layers back to RAM, smallest first (the ViT's and VAE's among the
+  first), and a full unload moves the whole model. 0.33.0's ModelPatcher does the same; its ModelPatcherDynamic
+  moves every plain weight to the GPU when it loads (keeping the RAM tensor as a backup) and puts the backups back
+  when it frees memory. Either way the library brings what is left in RAM for its stage only and sends it back
+  after, so core's account of what it loaded stays true (lance_model/session.py).
 - Models are never unloaded by hand: the pack drops its references and core's own bookkeeping (weak references
   in `current_loaded_models`, `free_memory` under pressure) does the rest, as for core's own loaders.
 """

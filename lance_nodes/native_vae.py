@@ -2,9 +2,14 @@
 workflows: no second file in models/vae, no second copy of the weights.
 
 It is a `comfy.sd.VAE` (core nodes call its methods and read its ratios), but every encode and decode is a call into
-the library's pipeline: the session's lock, memory estimate, placement of the VAE (which core's partial low-VRAM
-load may leave in RAM) and interrupt points apply, and VAEDecode gives exactly Lance Decode's pixels. Its `patcher`
-is the release's one ModelPatcher (two patchers over the same weights would each think they own them).
+the library's pipeline: the session's lock, memory estimate, interrupt points and out-of-memory fallback apply, and
+VAEDecode gives exactly Lance Decode's pixels. Its `patcher` is the release's one ModelPatcher (two patchers over the
+same weights would each think they own them).
+
+Low VRAM, as with core's own VAE: a decode or encode loads nothing but the VAE (the library tells the host hook the
+call is VAE-only, so the release's patcher - LLM and ViT included - is not loaded for it, and core may unload it to
+make room); VAE weights that core's partial load left in RAM visit the GPU for the call only; out of memory untiled,
+the library retries tiled after freeing, then raises a clear OutOfMemory. The tiled variants are not retried.
 """
 from __future__ import annotations
 

@@ -128,12 +128,24 @@ def connect_host(session, patcher) -> None:
     """The session's host hooks. A weak reference to the patcher, so that session -> hook -> patcher -> session is
     no cycle (a dropped model's weights are freed at once, not at the next gc)."""
     keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
+    whole = lance_model.session.SCOPE_ALL
+
+    def before_call(scope: str) -> None:
+        # a call that may run any module first puts the weights back on the device if ComfyUI offloaded them under
+        # memory pressure (after a partial low-VRAM load core streams the LLM's layers; the library brings ViT and
+        # VAE weights left in RAM for their stage only). A VAE-only call loads nothing: as with core's own VAE,
+        # only the VAE visits the device
+        if scope == whole and keep() is not None:
+            compat.load_to_device(keep(), full=False)
+
+    def make_room(num_bytes: int, device, scope: str) -> None:
+        # before a request that does not fit is refused, core may free other models' memory, and this one's too
+        # when only its VAE runs (a decode is not refused for the sake of an LLM it does not use)
+        compat.free_memory(num_bytes, device, keep=keep() if scope == whole else None)
+
     if patcher is not None:
-        # every library call first puts the weights back on the device if ComfyUI offloaded them under memory
-        # pressure (after a partial low-VRAM load core streams the LLM's layers; the library moves ViT and VAE)
-        session.before_call = lambda: keep() is not None and compat.load_to_device(keep(), full=False)
-    # before a request that does not fit is refused, core may free other models' memory
-    session.make_room = lambda num_bytes, device: compat.free_memory(num_bytes, device, keep=keep())
+        session.before_call = before_call
+    session.make_room = make_room
     # prefixes and encodings kept across runs must not outlive a LoRA clone patching the shared weights in place
     session.weights_version = lambda: compat.applied_patches(keep())
 

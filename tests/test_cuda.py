@@ -262,3 +262,99 @@ def test_compiled_step_cuda_equals_eager_and_compiles_once(golden, dtype, reques
         assert_close(ours, reference, tol, f"cuda {dtype} compiled vs eager step ({prompt!r})")
     assert compiled.llm.compiles_steps, "the compiled step fell back to eager"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+# ---------------------------------------------------------------- the VAE under a host's partial load and a memory cap
+@pytest.fixture
+def cuda_capped(golden):
+    """A private bf16 pipeline on an indexed CUDA device (these tests move its weights and cap the process memory);
+    the cap is lifted afterwards."""
+    from lance_model import load_lance
+    device = torch.device("cuda", torch.cuda.current_device())
+    pipe = load_lance(golden.checkpoint, dtype="bf16", device=str(device))
+    yield pipe, device
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    torch.cuda.empty_cache()
+
+
+def cap_memory(device: torch.device, extra_bytes: int) -> None:
+    """Let the process hold at most `extra_bytes` more than it reserves now (cached blocks are returned first)."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + extra_bytes) / total),
+                                               device)
+
+
+def spy_decode(vae_class, calls: list, before=None):
+    """LanceVAE.decode recording whether the VAE was tiled and whether torch ran out of memory; `before()` runs
+    first (e.g. a cap)."""
+    original = vae_class.decode
+
+    def decode(vae, latents):
+        calls.append(vae.tiling_enabled)
+        if before is not None:
+            before()
+        try:
+            return original(vae, latents)
+        except torch.OutOfMemoryError:
+            calls.append("out of memory")
+            raise
+    return decode
+
+
+def test_vae_decode_in_ram_under_a_memory_cap_retries_tiled(cuda_capped, monkeypatch):
+    """A host's partial load left the decoder in RAM (as ComfyUI leaves plain layers that do not fit): it visits the
+    GPU for the decode only and counts in the estimate. Capped between the tiled and the untiled decode's peak, the
+    untiled decode runs out of memory for real and the tiled retry gives the tiled pixels; the memory is freed."""
+    import lance_model.memory as memory
+    pipe, device = cuda_capped
+    vae, session = pipe.vae, pipe.session
+    side = pipe.config.constants.max_latent_size
+    latents = torch.randn(1, vae.z_dim, 1, side, side, generator=torch.Generator().manual_seed(0))
+    expected, peaks = {}, {}
+    for tiled in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        expected[tiled] = pipe.decode_latents(latents, tiled=tiled)
+        peaks[tiled] = torch.cuda.max_memory_allocated(device) - start
+    assert peaks[True] < peaks[False], f"tiled decode peak {peaks[True]} not below untiled {peaks[False]}"
+    vae.module.decoder.to("cpu")
+    decoder_bytes = sum(t.numel() * t.element_size() for t in [*vae.module.decoder.parameters(),
+                                                               *vae.module.decoder.buffers()])
+    assert session.stage_weights(vae.module) == decoder_bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)   # no up-front refusal: a real OOM
+    calls = []
+    monkeypatch.setattr(type(vae), "decode", spy_decode(type(vae), calls))
+    start = torch.cuda.memory_allocated(device)
+    cap_memory(device, decoder_bytes + (peaks[True] + peaks[False]) // 2)
+    frames = pipe.decode_latents(latents)
+    assert calls == [False, "out of memory", True]
+    assert_close(frames, expected[True], 1e-3, "capped decode vs tiled decode")
+    assert {t.device.type for t in vae.module.decoder.parameters()} == {"cpu"}   # back where the host left it
+    assert torch.cuda.memory_allocated(device) <= start + (1 << 20)
+
+
+def test_decode_out_of_memory_after_sampling_keeps_the_latents_and_frees_memory(cuda_capped, monkeypatch):
+    """Sampling done, the device has nothing left to spare (a cap at what the process holds): the untiled decode
+    and its tiled retry run out of memory for real -> DecodeOutOfMemory carrying the sampled latents; what the run
+    held is freed, and the pipeline decodes them once memory is back."""
+    import lance_model.memory as memory
+    from lance_model import DecodeOutOfMemory
+    pipe, device = cuda_capped
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)   # no up-front refusal: a real OOM
+    calls = []
+    monkeypatch.setattr(type(pipe.vae), "decode", spy_decode(type(pipe.vae), calls, lambda: cap_memory(device, 0)))
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated(device)
+    side = 32 * pipe.vae.spatial_factor
+    with pytest.raises(DecodeOutOfMemory, match="the latents are kept") as error:
+        pipe.text_to_image("a red cat", width=side, height=side, steps=2, seed=0)
+    assert calls == [False, "out of memory", True, "out of memory"]
+    result = error.value.result
+    assert result.frames is None and torch.isfinite(result.latents).all()
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert torch.cuda.memory_allocated(device) <= start + (1 << 20)
+    monkeypatch.undo()
+    frames = pipe.decode_latents(result.latents)
+    assert frames.shape == (1, 1, side, side, 3) and torch.isfinite(frames).all()

@@ -144,21 +144,6 @@ def test_bf16_euler_state_switch(pipe):
         pipe.text_to_image("a red cat", euler_state="fp8", **SMALL)
 
 
-def test_stage_modules_left_elsewhere_by_a_host_are_brought_back(golden, monkeypatch):
-    """Resident mode: a ViT/VAE that a host left off the execution device (ComfyUI's partial loading can) is
-    moved there before it runs; the LLM, whose placement the host manages layer by layer, is never moved."""
-    from lance_model import load_lance, session
-
-    pipe = load_lance(golden.checkpoint, dtype="fp32", device="cpu")
-    monkeypatch.setattr(session, "on_device", lambda module, device: False)
-    moved = []
-    for name, module in (("llm", pipe.llm), ("vit", pipe.vit.module), ("vae", pipe.vae.module)):
-        monkeypatch.setattr(module, "to", lambda *a, name=name, module=module, **k: moved.append((name, a)) or module)
-    pipe.edit_image(torch.rand(1, 64, 64, 3), "make it blue", resolution="image_256res", steps=1)
-    assert {name for name, _ in moved} == {"vit", "vae"}
-    assert all(args == (pipe.device,) for _, args in moved)
-
-
 def test_video_fps_applies_the_reference_frame_sampler(pipe):
     """30 frames at 24 fps = 1.25 s -> 15 frames at 12 fps -> the largest 4k+1 = 13 frames (4 latent frames)."""
     video = torch.rand(30, 64, 64, 3)

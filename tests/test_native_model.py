@@ -221,7 +221,7 @@ def library_with_weight_edit(tiny_model, weight, delta, inputs, settings):
     should equal. The unpatched patcher is loaded first (what every library call does through the session's
     before_call hook); an edit in place happens behind any patcher's back, so the stored prefixes are dropped
     before and after."""
-    tiny_model.pipe.session.before_call()
+    tiny_model.pipe.session.before_call("all")
     original = weight.clone()
     with torch.no_grad():
         weight.add_(delta)

@@ -616,7 +616,7 @@ def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
     free = {"bytes": 1024}
     asked = []
 
-    def make_room(nbytes, device):
+    def make_room(nbytes, device, scope):
         asked.append((nbytes, device.type))
         free["bytes"] = 64 * GIB   # the host unloaded something
     monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
