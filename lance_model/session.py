@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .checkpoint import ReleasePaths
+from .device_backend import backend_for
+from .devices import indexed
 from .encode_store import EncodeStore
 from .errors import OutOfMemory, first_line
 from .interrupt import cancel_hooks
@@ -73,8 +75,9 @@ class LanceSession(nn.Module):
         # its weights stay where ComfyUI's casting layers or the plan's streamer expect them)
         self.visitors = {id(vit.module), id(vae.module)} | ({id(llm)} if memory == "offload" else set())
         self.evicted: set[int] = set()   # modules sent to the CPU by a memory fallback, back when they next run
-        self.device = execution_device
-        llm.execution_device = execution_device
+        self.device = indexed(execution_device)   # cuda:N: streams, caches and memory queries belong to one GPU
+        self.backend = backend_for(self.device)
+        llm.execution_device = self.device
         self.model_id = fingerprint(paths)
 
     @property
@@ -120,8 +123,7 @@ class LanceSession(nn.Module):
             self.llm.to("cpu")
             self.evicted.add(id(self.llm))
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.backend.empty_cache()
 
     def tiled_fallback(self, run: Callable[[], T], what: str,
                        give_up: Callable[[str], BaseException] | None = None) -> T:
@@ -152,8 +154,7 @@ class LanceSession(nn.Module):
         self.prefixes.clear()
         self.encodings.clear()
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.backend.empty_cache()
 
     # -- stages -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -181,8 +182,8 @@ class LanceSession(nn.Module):
         finally:
             for layer, home in away:
                 layer._apply(lambda tensor, home=home: tensor.to(home), recurse=False)
-            if away and self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            if away:
+                self.backend.empty_cache()
 
     def _away(self, module: nn.Module) -> list[tuple[nn.Module, torch.device]]:
         """(layer, device) of each layer of a visiting module whose own weights (parameters, buffers) are off the
@@ -245,9 +246,9 @@ def task(method=None, *, scope: str = SCOPE_ALL):
 
 
 def on_device(module: nn.Module, device: torch.device) -> bool:
-    """True when all of the module's weights are on `device` ("cuda" without an index = the current GPU)."""
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else None)
-    return all(p.device.type == device.type and p.device.index == index for p in module.parameters())
+    """True when all of the module's weights are on `device`."""
+    device = indexed(device)
+    return all(p.device == device for p in module.parameters())
 
 
 def own_tensors(layer: nn.Module) -> list[torch.Tensor]:

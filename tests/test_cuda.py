@@ -358,3 +358,40 @@ def test_decode_out_of_memory_after_sampling_keeps_the_latents_and_frees_memory(
     monkeypatch.undo()
     frames = pipe.decode_latents(result.latents)
     assert frames.shape == (1, 1, side, side, 3) and torch.isfinite(frames).all()
+
+
+class HostCastingLinear(torch.nn.Linear):
+    """A Linear whose weight may stay in host memory and is copied to the input's device per call, as ComfyUI's
+    ops do under a partial (low-VRAM) load."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.device)
+        return torch.nn.functional.linear(x, self.weight.to(x.device), bias)
+
+
+class HostCastingOps:   # no RMSNorm: the library's own (it casts a weight left elsewhere itself)
+    Linear = HostCastingLinear
+    Embedding = torch.nn.Embedding
+
+
+def test_cuda_understanding_under_a_partial_load_decodes_eagerly(golden, cuda_fp32, caplog):
+    """Half the LLM's layers left in host memory (cast in per call): greedy decoding must not capture a graph
+    (copies from pageable memory are refused while a stream captures) and gives the resident answer; forcing a
+    capture there fails and falls back to eager steps with one log line."""
+    import logging
+
+    from lance_model import load_lance
+
+    partial = load_lance(golden.checkpoint, dtype="fp32", device="cuda", operations=HostCastingOps)
+    layers = partial.llm.language_model.model.layers
+    for layer in layers[: len(layers) // 2 or 1]:
+        layer.to("cpu")
+    from lance_model.decode_step import cuda_graphs_usable
+
+    assert not cuda_graphs_usable(partial.llm)
+    question = dict(question="What is a cat?", max_new_tokens=8)
+    assert partial.understand(None, **question).token_ids == cuda_fp32.understand(None, **question).token_ids
+    with caplog.at_level(logging.WARNING, logger="lance_model.decode_step"):
+        forced = greedy_answer(partial, 6, cuda_graph=True)
+    assert forced.ids == greedy_answer(cuda_fp32, 6, cuda_graph=False).ids
+    assert any("capture of the decode step failed" in r.getMessage() for r in caplog.records)
