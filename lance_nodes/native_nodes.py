@@ -32,10 +32,10 @@ def native_patcher(model) -> object:
     """The loaded release's one ModelPatcher, as a core MODEL."""
     model = runtime.check_model(model)
     if model.patcher is None:
-        raise input_error("model: the native (core MODEL) path needs memory_mode 'resident' or 'dynamic' on the "
-                          "Lance Loader; "
-                          "'offload' moves the weights itself, which ComfyUI's sampler memory management does not "
-                          "expect. ComfyUI still offloads a resident model under memory pressure.")
+        raise input_error(f"model: the native (core MODEL) path needs memory_mode 'resident' or 'dynamic' on the "
+                          f"Lance Loader; {model.memory_mode!r} places the weights itself, which ComfyUI's sampler "
+                          f"memory management does not expect. ComfyUI still offloads a resident model under memory "
+                          f"pressure (partial loads on small cards).")
     if not is_lance_patcher(model.patcher):
         raise input_error("model: this LANCE_MODEL has no core MODEL patcher (reload it with the Lance Loader)")
     return model.patcher

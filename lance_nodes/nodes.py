@@ -160,10 +160,20 @@ class LanceLoader(io.ComfyNode):
                                tooltip="Attention backend; flash needs the flash-attn package."),
                 io.Combo.Input("memory_mode", display_name="Memory mode", options=list(runtime.LOADER_MEMORY_MODES),
                                default="resident",
-                               tooltip="resident: keep the weights on the GPU between runs. offload: move them "
-                                       "back to RAM after each node (for small GPUs). dynamic: keep them in RAM "
-                                       "and let ComfyUI's Dynamic VRAM stream them (newer ComfyUI on a GPU; "
-                                       "elsewhere ComfyUI loads them to the GPU as memory allows)."),
+                               tooltip="resident: keep the weights on the GPU between runs; ComfyUI manages them "
+                                       "(on a small card it loads what fits). offload: move them back to RAM after "
+                                       "each node. dynamic: keep them in RAM and let ComfyUI's Dynamic VRAM stream "
+                                       "them (newer ComfyUI on a GPU). auto: Lance picks the fastest placement that "
+                                       "fits your card, the same pixels as resident (16 GB: ViT and VAE visit the "
+                                       "GPU; 12 GB: the understanding expert streams from RAM; 8 GB: both experts "
+                                       "stream). stream: both experts always stream from RAM (smallest GPU use, "
+                                       "slowest). The plan chosen is shown on this node."),
+                io.Combo.Input("weight_dtype", display_name="Weight dtype", options=list(runtime.WEIGHT_DTYPES),
+                               default="default", optional=True,   # appended: saved workflows lack it
+                               tooltip="default: the release's precision. fp8_e4m3fn stores the understanding "
+                                       "expert (or both experts) in 8 bits: less memory, but it CHANGES THE PICTURE "
+                                       "and has not been validated on the release's weights. Only with memory_mode "
+                                       "auto or stream."),
             ],
             outputs=[LanceModelType.Output(display_name="model")],
         )
@@ -185,8 +195,9 @@ class LanceLoader(io.ComfyNode):
 
     @classmethod
     @node_errors
-    def execute(cls, model_name, variant, dtype, attention, memory_mode):
-        return io.NodeOutput(runtime.get_model(model_name, variant, dtype, attention, memory_mode))
+    def execute(cls, model_name, variant, dtype, attention, memory_mode, weight_dtype="default"):
+        model = runtime.get_model(model_name, variant, dtype, attention, memory_mode, weight_dtype)
+        return io.NodeOutput(model, ui=ui.PreviewText(runtime.plan_text(model)))
 
 
 # ---------------------------------------------------------------- generation

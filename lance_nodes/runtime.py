@@ -36,14 +36,16 @@ class LoadedLance:
     memory_mode: str
     pipe: lance_model.LancePipeline
     patcher: object = None
+    weight_dtype: str = "default"
 
     @property
     def model_id(self) -> str:
         return self.pipe.model_id
 
     def __repr__(self) -> str:  # shown by PreviewAny and in errors
+        weights = "" if self.weight_dtype == "default" else f", weight_dtype={self.weight_dtype}"
         return (f"LoadedLance({self.name!r}, variant={self.pipe.variant}, "
-                f"dtype={self.pipe.dtype}, memory={self.memory_mode})")
+                f"dtype={self.pipe.dtype}, memory={self.memory_mode}{weights})")
 
 
 # Every model some graph still holds (ComfyUI's output cache keeps a loader's result alive), so two loaders with
@@ -53,10 +55,17 @@ _LIVE: "weakref.WeakValueDictionary[tuple, LoadedLance]" = weakref.WeakValueDict
 _LAST_USED: list[LoadedLance] = []
 _CACHE_LOCK = threading.Lock()
 
-# the loader's memory_mode. resident: the weights are built on the GPU and ComfyUI's classic patcher manages
-# them; dynamic: built in RAM for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads
-# them to the GPU as memory allows); offload: the library moves each stage to the GPU only while it runs
-LOADER_MEMORY_MODES = ("resident", "offload", "dynamic")
+# the loader's memory_mode (new options are appended: saved workflows keep their values). resident: the weights
+# are built on the GPU and ComfyUI's classic patcher manages them (partial loads on small cards); dynamic: built in
+# RAM for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads them to the GPU as memory
+# allows); offload: the library moves each stage to the GPU only while it runs; auto: the library's VRAM plan, the
+# fastest bit-exact placement that fits the card (lance_model/vram_plan.py); stream: both LLM experts streamed from
+# RAM layer by layer, ViT and VAE visiting while they run
+LOADER_MEMORY_MODES = ("resident", "offload", "dynamic", "auto", "stream")
+LIBRARY_PLACED = ("offload", "auto", "stream")   # the library places the weights itself: no core patcher
+# the loader's weight_dtype, as core's UNETLoader names it -> the experts stored in fp8 (only where the library
+# places the weights: auto, stream)
+WEIGHT_DTYPES = {"default": (), "fp8_e4m3fn": ("und",), "fp8_e4m3fn (both experts)": ("und", "gen")}
 DOWNLOAD_HINT = ("Download the release with `hf download bytedance-research/Lance --local-dir "
                  "ComfyUI/models/lance/Lance-3B` (Lance_3B/, Lance_3B_Video/, Qwen2.5-VL-ViT/, Wan2.2_VAE.pth) "
                  "and refresh.")
@@ -82,13 +91,19 @@ def resolve_model_path(name: str) -> str:
 
 
 def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: str = "auto",
-              memory_mode: str = "resident") -> LoadedLance:
+              memory_mode: str = "resident", weight_dtype: str = "default") -> LoadedLance:
     """Load (once) and return the shared model for these options. A model whose files changed on disk since it
     was loaded is loaded again; a failed load leaves every cached model as it was."""
     if memory_mode not in LOADER_MEMORY_MODES:
         raise input_error(f"memory_mode must be one of {LOADER_MEMORY_MODES}, got {memory_mode!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise input_error(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    if WEIGHT_DTYPES[weight_dtype] and memory_mode not in ("auto", "stream"):
+        raise input_error(f"weight_dtype {weight_dtype!r} needs memory_mode 'auto' or 'stream' (where Lance places "
+                          f"its weights itself); with {memory_mode!r} ComfyUI manages them, and its weight patches "
+                          f"(LoRA) do not know Lance's fp8 scales")
     path = resolve_model_path(name)
-    key = (path, variant, dtype, attention, memory_mode)
+    key = (path, variant, dtype, attention, memory_mode, weight_dtype)
     with _CACHE_LOCK:
         model = _LIVE.get(key)
         if model is not None:
@@ -97,31 +112,46 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
                 _remember(model)
                 return model
             log.warning("Lance: %s changed on disk since %r was loaded: loading it again", ", ".join(changed), name)
-        model = _load(name, path, variant, dtype, attention, memory_mode)
+        model = _load(name, path, variant, dtype, attention, memory_mode, weight_dtype)
         _LIVE[key] = model
         _remember(model)
         log.info("Lance: loaded %s", model)
         return model
 
 
-def _load(name, path, variant, dtype, attention, memory_mode) -> LoadedLance:
-    # The library runs on ComfyUI's torch device; "offload" is the library's own stage-by-stage offload
-    # (ViT, LLM and VAE each visit the GPU only while they run). Layers come from comfy.ops.manual_cast, so
-    # when ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable.
-    library_memory = "offload" if memory_mode == "offload" else "resident"
+def _load(name, path, variant, dtype, attention, memory_mode, weight_dtype) -> LoadedLance:
+    # The library runs on ComfyUI's torch device. resident/dynamic: layers come from comfy.ops.manual_cast, so when
+    # ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable; ComfyUI's one
+    # patcher manages the weights. offload/auto/stream: the library places them itself (stage by stage, or by its
+    # VRAM plan), with plain torch layers (fp8 storage replaces them), and no core patcher moves them.
+    places_itself = memory_mode in LIBRARY_PLACED
     weights = compat.weight_device() if memory_mode == "dynamic" else None
 
     def build():
         return lance_model.load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                      attention=attention, operations=compat.manual_cast_ops(),
-                                      memory=library_memory, weights_device=weights)
+                                      attention=attention,
+                                      operations=None if places_itself else compat.manual_cast_ops(),
+                                      memory=memory_mode if places_itself else "resident", weights_device=weights,
+                                      fp8=WEIGHT_DTYPES[weight_dtype])
 
     pipe = build()
+    if pipe.plan is not None:
+        log.info("Lance weight plan (memory_mode %s): %s", memory_mode, pipe.plan.describe())
     # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
-    patcher = make_patcher(pipe, reload=build) if memory_mode != "offload" else None
+    patcher = None if places_itself else make_patcher(pipe, reload=build)
     connect_host(pipe.session, patcher)
     return LoadedLance(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
-                       memory_mode=memory_mode, pipe=pipe, patcher=patcher)
+                       memory_mode=memory_mode, pipe=pipe, patcher=patcher, weight_dtype=weight_dtype)
+
+
+def plan_text(model: LoadedLance) -> str:
+    """What the Loader shows on its node: where the weights are."""
+    if model.pipe.plan is not None:
+        return f"memory_mode {model.memory_mode}: {model.pipe.plan.describe()}"
+    where = {"resident": "ComfyUI manages the weights (partial loads on small cards)",
+             "dynamic": "ComfyUI's Dynamic VRAM streams the weights",
+             "offload": "each stage (ViT, LLM, VAE) visits the GPU only while it runs"}
+    return f"memory_mode {model.memory_mode}: {where[model.memory_mode]}"
 
 
 def connect_host(session, patcher) -> None:

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.comfy
 
 NODE_IDS = ",".join(lance_nodes.NODE_IDS + lance_nodes.NATIVE_NODE_IDS)  # every node must register
 AFTER_BAD = "zz_after_bad_t2i"
+MEMORY_MODES = ("resident", "auto", "stream")
 
 
 def _harness_script(comfy, name: str) -> Path:
@@ -88,6 +89,14 @@ def server_run(host):
     bad = bad_workflows("tiny_copy")
     for name, (workflow, _, _) in bad.items():
         (folder / f"y_{name}.json").write_text(json.dumps(workflow, indent=1))
+    for mode in MEMORY_MODES:   # the same t2i with each library-placed memory mode (identical images on the CPU)
+        workflow = tiny(shipped_api_workflows()["t2i"])
+        for node in workflow.values():
+            if node["class_type"] == "LanceLoader":
+                node["inputs"]["memory_mode"] = mode
+            if node["class_type"] == "SaveImage":
+                node["inputs"]["filename_prefix"] = f"zz_memory_{mode}"
+        (folder / f"zz_memory_{mode}.json").write_text(json.dumps(workflow, indent=1))
     after = tiny(shipped_api_workflows()["t2i"])
     for node in after.values():
         if node["class_type"] == "LanceT2I":
@@ -108,12 +117,14 @@ def server_run(host):
         shutil.rmtree(kept.group(1), ignore_errors=True)   # symlinks inside are unlinked, never followed
 
 
-def _ui_texts(stdout: str, name: str) -> list[str]:
-    """`ui #<id> <Node> text: ...` lines printed by run_workflows.py for one workflow."""
+def _ui_texts(stdout: str, name: str, node: str | None = None) -> list[str]:
+    """`ui #<id> <Node> text: ...` lines printed by run_workflows.py for one workflow (of one node type, or of
+    every node but the Lance Loader, which shows its weight plan)."""
     section = stdout.split("=== workflow ")
     for part in section:
         if part.split("\n", 1)[0].endswith(f"/{name}.json"):
-            return re.findall(r"ui #\S+ \S+ text: (.*)", part)
+            found = re.findall(r"ui #\S+ (\S+) text: (.*)", part)
+            return [text for kind, text in found if (kind == node if node else kind != "LanceLoader")]
     return []
 
 
@@ -163,6 +174,24 @@ def test_shipped_workflow_runs(server_run, name):
             assert want[1] in (None, h) and want[2] in (None, w), (name, (h, w), want)
     texts = _ui_texts(server_run["stdout"], name)
     assert len(texts) == expected.get("texts", 0), texts
+
+
+def test_memory_modes_give_identical_images_and_show_their_plan(server_run):
+    """resident (ComfyUI manages the weights), auto (the library's VRAM plan) and stream (both experts streamed
+    from RAM): the same pixels; the Loader shows where the weights are."""
+    import numpy as np
+    from PIL import Image
+
+    images = {}
+    for mode in MEMORY_MODES:
+        result = server_run["results"].get(f"zz_memory_{mode}")
+        assert result is not None and result["passed"], result
+        (path,) = sorted(server_run["output_dir"].glob(f"zz_memory_{mode}_*.png"))
+        images[mode] = np.asarray(Image.open(path))
+        (plan,) = _ui_texts(server_run["stdout"], f"zz_memory_{mode}", node="LanceLoader")
+        assert plan.startswith(f"memory_mode {mode}:"), plan
+    assert all(np.array_equal(images["resident"], image) for image in images.values())
+    assert "generation expert streamed" in _ui_texts(server_run["stdout"], "zz_memory_stream", node="LanceLoader")[0]
 
 
 @pytest.mark.parametrize("name", sorted(bad_workflows("tiny_copy")))

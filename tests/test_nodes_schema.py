@@ -16,7 +16,7 @@ STRIDE = ("seed_stride", "INT", "optional")  # appended last (several machines: 
 CONTRACT = {
     "LanceLoader": (
         [("model_name", "COMBO"), ("variant", "COMBO"), ("dtype", "COMBO"), ("attention", "COMBO"),
-         ("memory_mode", "COMBO")],
+         ("memory_mode", "COMBO"), ("weight_dtype", "COMBO", "optional")],   # weight_dtype appended (VRAM ladder)
         ["LANCE_MODEL"]),
     "LanceT2I": (
         [("model", "LANCE_MODEL"), ("prompt", "STRING"), ("width", "INT"), ("height", "INT"), *GEN, CTX, NEG, STRIDE],
@@ -49,7 +49,7 @@ CONTRACT = {
 
 # real-use defaults (the shipped workflows use them too)
 DEFAULTS = {
-    "LanceLoader": dict(variant="auto", dtype="auto", attention="auto", memory_mode="resident"),
+    "LanceLoader": dict(variant="auto", dtype="auto", attention="auto", memory_mode="resident", weight_dtype="default"),
     "LanceT2I": dict(width=768, height=768, steps=30, shift=3.5, cfg_scale=4.0, cfg_interval_start=0.4,
                      cfg_interval_end=1.0, cfg_renorm="global", cfg_renorm_min=0.0, seed=42, batch_size=1),
     "LanceT2V": dict(width=848, height=480, num_frames=61, resolution="video_480p", fps=12.0, steps=30),
@@ -63,7 +63,8 @@ COMBOS = {
     ("LanceLoader", "variant"): ["auto", "image", "video"],
     ("LanceLoader", "dtype"): ["auto", "bf16", "fp32"],
     ("LanceLoader", "attention"): ["auto", "sdpa", "flash"],
-    ("LanceLoader", "memory_mode"): ["resident", "offload", "dynamic"],
+    ("LanceLoader", "memory_mode"): ["resident", "offload", "dynamic", "auto", "stream"],   # new ones appended
+    ("LanceLoader", "weight_dtype"): ["default", "fp8_e4m3fn", "fp8_e4m3fn (both experts)"],
     ("LanceT2V", "resolution"): ["video_192p", "video_360p", "video_480p"],
     ("LanceEdit", "resolution"): ["image_256res", "image_512res", "image_768res"],
     ("LanceVideoEdit", "resolution"): ["video_192p", "video_360p", "video_480p"],

@@ -172,7 +172,8 @@ def partially_loaded(comfy, models_dir, second_device):
     """A private tiny model that core loaded partially onto the second device (half the model's bytes: the largest
     layers first; layers not built from comfy.ops that do not fit stay in RAM, as core leaves our ViT and VAE)."""
     from lance_nodes import runtime
-    model = runtime._load(TINY_NAME, runtime.resolve_model_path(TINY_NAME), "auto", "auto", "auto", "resident")
+    model = runtime._load(TINY_NAME, runtime.resolve_model_path(TINY_NAME), "auto", "auto", "auto", "resident",
+                          "default")
     patcher = model.patcher
     patcher.patch_model(device_to=second_device, lowvram_model_memory=patcher.model_size() // 2)
     model.pipe.session.device = second_device
