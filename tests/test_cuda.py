@@ -139,6 +139,24 @@ def test_cuda_stream_equals_resident(golden, cuda_fp32):
     assert torch.equal(a.latents, b.latents)
     question = dict(question="What is a cat?", max_new_tokens=8)
     assert streamed.understand(None, **question).token_ids == cuda_fp32.understand(None, **question).token_ids
+    streamer = streamed.session.streamer
+    assert all(slab.is_pinned() for stream in streamer.experts.values() for slab in stream.slabs)   # in place
+
+
+def test_cuda_stream_slabs_are_unlocked_when_the_model_goes(golden):
+    """The page-locked host slabs are registered in place (cudaHostRegister) and unregistered when the model is
+    dropped: host memory of an unloaded model goes back to the system."""
+    import gc
+    import weakref
+
+    from lance_model import load_lance
+
+    streamed = load_lance(golden.checkpoint, dtype="bf16", device="cuda", memory="stream")
+    locks = [weakref.ref(lock) for stream in streamed.session.streamer.experts.values() for lock in stream.pinned]
+    assert locks and all(lock() is not None for lock in locks)
+    del streamed
+    gc.collect()
+    assert all(lock() is None for lock in locks)
 
 
 def test_cuda_fp8_storage_computes_in_bf16(golden, cuda_bf16):

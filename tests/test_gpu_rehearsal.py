@@ -290,3 +290,44 @@ def test_rehearsal_streamed_equals_resident_whatever_the_layer_count(pipe, layer
         ours = answer(streamed)
     assert torch.equal(ours, answer(resident))
 
+
+
+def test_rehearsal_page_lock_registers_in_place_and_unregisters_before_the_memory_goes(monkeypatch):
+    """Streamed slabs are page-locked where they are (no copy, exactly their size) for as long as the lock lives;
+    the lock holds the slab, so its memory is unregistered before it can be freed and reused."""
+    import gc
+    from types import SimpleNamespace
+
+    from lance_model.device_backend import PageLock
+
+    calls = []
+
+    class FakeCudart:
+        cudaError = SimpleNamespace(success=0)
+
+        @staticmethod
+        def cudaHostRegister(pointer, size, flags):
+            calls.append(("register", pointer, size))
+            return 0 if size else 1
+
+        @staticmethod
+        def cudaHostUnregister(pointer):
+            calls.append(("unregister", pointer))
+            return 0
+
+        @staticmethod
+        def cudaGetErrorString(error):
+            return "invalid value"
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart)
+    slab = torch.empty(4096, dtype=torch.uint8)
+    pointer = slab.data_ptr()
+    lock = PageLock(slab)
+    assert calls == [("register", pointer, 4096)]
+    del slab
+    gc.collect()
+    assert len(calls) == 1 and lock.tensor.data_ptr() == pointer   # the lock keeps the memory alive
+    del lock
+    gc.collect()
+    assert calls[-1] == ("unregister", pointer)
+    with pytest.raises(RuntimeError, match="cudaHostRegister failed: invalid value"):
+        PageLock(torch.empty(0, dtype=torch.uint8))
