@@ -1,6 +1,9 @@
 """Shared test fixtures: the golden parity set (LANCE_GOLDEN) and the tiny checkpoint loaded once; the node
 tests' fixtures (a ComfyUI imported in-process, the test model folder, the loaded tiny model) come from
 tests/fixtures/node_fixtures.py. The test path is set once, in pyproject.toml ([tool.pytest.ini_options])."""
+import gc
+import sys
+
 import pytest
 
 from tests.fixtures import comfy_env
@@ -35,3 +38,14 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2].removeprefix("Skipped: ")
         if reason in comfy_env.SKIP_REASONS:
             report.longrepr = (comfy_env.__file__, comfy_env.require_host.__code__.co_firstlineno, report.longrepr[2])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def release_models_at_the_end():
+    """The last model the nodes used stays referenced (runtime._LAST_USED, as in a server); dropped before the
+    interpreter exits, so core's ModelPatcher.__del__ does not run while its modules are being torn down."""
+    yield
+    runtime = sys.modules.get("lance_nodes.runtime")
+    if runtime is not None:
+        runtime._LAST_USED.clear()
+    gc.collect()
