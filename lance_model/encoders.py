@@ -10,7 +10,7 @@ from .errors import InputError
 from .media import check_frame_size
 from .memory import Estimate, vae_encode_bytes
 from .session import LanceSession
-from .validation import require_finite_tensor
+from .validation import require_finite_tensor, require_unit_range
 
 
 def condition_latent(session: LanceSession, pixels: torch.Tensor, *, seed: int = 0, sampling: str = "mean",
@@ -34,7 +34,7 @@ def raw_latents(session: LanceSession, frames: torch.Tensor, cancel: Callable[[]
 
 def check_frames(session: LanceSession, frames, what: str) -> None:
     """Frames the VAE encodes as they are: [T, H, W, 3], T = 4k+1, H and W positive multiples of the spatial
-    factor, within the model's sizes, finite."""
+    factor, within the model's sizes, finite and in 0..1."""
     c = session.config.constants
     if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
         raise InputError(f"{what} must be a float tensor [T, H, W, 3] in 0..1, got "
@@ -52,6 +52,7 @@ def check_frames(session: LanceSession, frames, what: str) -> None:
         raise InputError(f"{what}: height and width must be multiples of {side} up to {largest} px, got "
                          f"{width}x{height}")
     require_finite_tensor(frames, what)
+    require_unit_range(frames, what)
 
 
 def vit_embeddings(session: LanceSession, pixels: torch.Tensor, cancel: Callable[[], bool] | None = None) -> torch.Tensor:

@@ -19,15 +19,20 @@ class Cancelled(LanceError):
 
 class OutOfMemory(LanceError, MemoryError):
     """A request needs more memory than the device has (estimated up front, or a real out-of-memory error).
-    What the call allocated is freed first; the model stays usable."""
+    What the call allocated is freed first; the model stays usable. `facts` is what ran out and where, without
+    the library's advice and memory-mode names: a host whose users have other remedies words its own."""
+
+    def __init__(self, message: str, facts: str | None = None):
+        super().__init__(message)
+        self.facts = message if facts is None else facts
 
 
 class DecodeOutOfMemory(OutOfMemory):
     """Sampling finished but decoding the latents ran out of memory, even tiled after freeing what sampling
     held. The sampled work is not lost: `result` holds the latents (frames None) for a later or tiled decode."""
 
-    def __init__(self, message: str, result):
-        super().__init__(message)
+    def __init__(self, message: str, result, facts: str | None = None):
+        super().__init__(message, facts)
         self.result = result
 
 

@@ -122,9 +122,9 @@ def decode_sampled(session: LanceSession, sampled: GenerationResult, cancel) -> 
     """Decode the latents a run sampled. Out of memory does not lose them: what sampling left on the device is
     freed and the decode is retried with the VAE tiled; if that fails too, DecodeOutOfMemory carries `sampled`."""
     def give_up(tried: str) -> DecodeOutOfMemory:
-        return DecodeOutOfMemory(f"sampling finished, but decoding its latents ran out of memory on {session.device}, "
-                                 f"{tried}; the latents are kept (this error's `result`, the node's saved LATENT): "
-                                 f"decode them later, tiled, or on a larger device", sampled)
+        facts = f"sampling finished, but decoding its latents ran out of memory on {session.device}, {tried}"
+        return DecodeOutOfMemory(f"{facts}; the latents are kept (this error's `result`, the node's saved LATENT): "
+                                 f"decode them later, tiled, or on a larger device", sampled, facts)
     return session.tiled_fallback(lambda: decode(session, sampled.latents, cancel), "VAE decode", give_up)
 
 

@@ -92,6 +92,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
         raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
                          f"{type(root).__name__}")
     check_memory_options(memory, vit_weights, vram_budget, fp8)
+    require_bool(vae_tiling, "vae_tiling")
     execution_device = resolve_device(device, "device")
     dtype = resolve_dtype(dtype, execution_device)
     planned = memory in ("stream", "auto") or bool(fp8)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
+from .validation import require_unit_range
 
 # preset -> (VAE side, ViT side); the bucket area is side**2.
 RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
@@ -229,6 +230,7 @@ def frames_from_tensor(images: torch.Tensor, what: str = "image") -> np.ndarray:
     values = images.detach().to("cpu", torch.float64)
     if not torch.isfinite(values).all():
         raise InputError(f"{what} contains NaN or infinite values; expected finite values in 0..1")
+    require_unit_range(values, what)
     return torch.floor(values.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
 
 

@@ -85,9 +85,11 @@ class Estimate:
         if available is None or need <= available:
             return
         parts = ", ".join(f"{name} {readable(nbytes)}" for name, nbytes in self.stages[stage].items() if nbytes)
+        shortfall = (f"its {stage} stage needs at least {readable(need)} ({parts}) but only {readable(available)} "
+                     f"are available")
         tried = f" with {plan}" if plan else ""
-        raise OutOfMemory(f"not enough memory on {device} for this request{tried}: its {stage} stage needs at least "
-                          f"{readable(need)} ({parts}) but only {readable(available)} are available; {HINT}")
+        raise OutOfMemory(f"not enough memory on {device} for this request{tried}: {shortfall}; {HINT}",
+                          facts=f"not enough memory on {device} for this request: {shortfall}")
 
 
 def kv_cache_bytes(cfg: LLMConfig, rows: int, capacity: int, dtype: torch.dtype) -> int:

@@ -21,6 +21,7 @@ from .session import SCOPE_VAE, LanceSession, task
 from .settings import GenerationSettings
 from .text_generation import UnderstandingResult
 from .understanding import SamplingOptions
+from .validation import require_bool
 
 
 class LancePipeline:
@@ -121,7 +122,7 @@ class LancePipeline:
         spatial tiles (less memory; the pixels differ slightly from the reference). An untiled decode that runs out
         of memory is retried tiled after freeing; OutOfMemory when that fails too. Only the VAE runs (a host is
         told so: it need not load the rest)."""
-        return generation.decode_latents(self.session, latents, cancel, tiled)
+        return generation.decode_latents(self.session, latents, cancel, require_bool(tiled, "tiled"))
 
     @task(scope=SCOPE_VAE)
     def decode_raw_latents(self, samples: torch.Tensor, cancel: Callable[[], bool] | None = None,
@@ -129,6 +130,7 @@ class LancePipeline:
         """Un-normalized Wan2.2 latents (ComfyUI LATENT "samples") -> frames [B, T, H, W, 3], as decode_latents;
         checked like decode_latents before anything is computed from them. `what` names the input in errors."""
         generation.check_latents(self.session, samples, what)
+        require_bool(tiled, "tiled")
         return generation.decode_latents(self.session, self.vae.normalize(samples), cancel, tiled)
 
     @task(scope=SCOPE_VAE)
@@ -139,7 +141,7 @@ class LancePipeline:
         frames are encoded as given. Out of memory untiled: retried tiled after freeing, as decode_latents. `what`
         names the input in errors."""
         encoders.check_frames(self.session, frames, what)
-        with self.vae.tiled(tiled):
+        with self.vae.tiled(require_bool(tiled, "tiled")):
             return self.session.tiled_fallback(lambda: encoders.raw_latents(self.session, frames, cancel),
                                                "VAE encode")
 

@@ -138,15 +138,17 @@ class LanceSession(nn.Module):
                 with self.vae.tiled(tiled):
                     return run()
             except (torch.OutOfMemoryError, OutOfMemory) as exc:
-                failures.append(f"{'tiled' if tiled else 'untiled'} ({first_line(exc, type(exc).__name__)})")
+                detail = exc.facts if isinstance(exc, OutOfMemory) else first_line(exc, type(exc).__name__)
+                failures.append(f"{'tiled' if tiled else 'untiled'} ({detail})")
             # outside the except block: the error's traceback (and the tensors its frames hold) is gone
             self.free_for_fallback()
         tried = " and ".join(failures)
         if give_up is not None:
             raise give_up(tried)
-        raise OutOfMemory(f"{what} ran out of memory on {self.device}, {tried}; free device memory (other models, "
-                          f"other programs) and run it again, or pass a smaller batch, fewer frames or a smaller "
-                          f"size. The model is still loaded and usable.")
+        facts = f"{what} ran out of memory on {self.device}, {tried}"
+        raise OutOfMemory(f"{facts}; free device memory (other models, other programs) and run it again, or pass a "
+                          f"smaller batch, fewer frames or a smaller size. The model is still loaded and usable.",
+                          facts)
 
     def release_scratch(self) -> None:
         """After a failed or cancelled call: drop the VAE's frame cache, the stores and unreferenced tensors."""
@@ -240,8 +242,8 @@ def task(method=None, *, scope: str = SCOPE_ALL):
                     session.scope = SCOPE_ALL
             # outside the except block: the torch error's traceback (and the tensors its frames hold) is gone
             session.release_scratch()
-            raise OutOfMemory(f"{method.__name__} ran out of memory on {session.device} ({detail}); {HINT}. "
-                              "The model is still loaded and usable.")
+            facts = f"{method.__name__} ran out of memory on {session.device} ({detail})"
+            raise OutOfMemory(f"{facts}; {HINT}. The model is still loaded and usable.", facts)
     return run
 
 

@@ -38,12 +38,16 @@ class GenerationSettings:
     image_cfg_scale: float = 1.0       # edits: image CFG (1 = off, the official behaviour; see guidance.py)
     seed_stride: int = 1               # sample i of a batch uses seed + i * seed_stride (see docs/distributed.md)
 
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
+    def __new__(cls, *args, **kwargs):
+        # before the generated __init__, whose bare TypeError would not say which options exist
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise InputError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+        return super().__new__(cls)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
         settings = cls(**kwargs)
         settings.validate()
         return settings

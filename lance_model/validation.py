@@ -12,6 +12,9 @@ import torch
 from .errors import InputError
 
 SEED_MAX = 2**64 - 1   # torch.Generator.manual_seed accepts 0 .. 2^64 - 1
+# how far outside 0..1 a pixel may stray and still be clamped: resampling overshoots (ComfyUI's bicubic Upscale Image
+# leaves values down to about -0.4 and up to 1.4 at sharp edges); 0..255 data and garbage lie far beyond
+PIXEL_SLACK = 0.5
 
 
 def is_int(value) -> bool:
@@ -73,6 +76,18 @@ def require_finite_tensor(value, name: str) -> torch.Tensor:
     if value.numel() and not bool(torch.isfinite(value).all()):
         raise InputError(f"{name} contains NaN or infinite values; expected finite numbers")
     return value
+
+
+def require_unit_range(values: torch.Tensor, name: str) -> torch.Tensor:
+    """Pixels in 0..1, give or take a resampling overshoot: values clearly outside are refused, not clamped, as they
+    are data of another scale (usually 0..255) that would otherwise become a white or meaningless picture."""
+    if values.numel():
+        low, high = (float(v) for v in values.detach().aminmax())
+        if low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK:
+            cause = ("0..255 data? divide it by 255" if high <= 255 + PIXEL_SLACK and low >= -PIXEL_SLACK
+                     else "check what produced it")
+            raise InputError(f"{name} has pixel values from {low:g} to {high:g}; expected values in 0..1 ({cause})")
+    return values
 
 
 def _range_text(minimum, maximum) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from fractions import Fraction
 
 import torch
@@ -203,13 +204,50 @@ def free_memory(num_bytes: int, device: torch.device, keep=None) -> None:
     mm.free_memory(num_bytes, device, keep_loaded=[mm.LoadedModel(keep)] if keep is not None else [])
 
 
-def save_latent(samples: torch.Tensor, prefix: str) -> str:
-    """Save a LATENT's samples in core's SaveLatent format to the output folder; returns the file's path."""
-    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
+
+
+def temp_directory() -> str:
+    return folder_paths.get_temp_directory()
+
+
+def save_latent(samples: torch.Tensor, root: str, prefix: str, keep: int) -> str:
+    """Save a LATENT's samples in core's SaveLatent format under `root` (the output or temp folder) as
+    <prefix>_NNNNN_.latent, then delete the older files of that name beyond the newest `keep`; returns the path.
+    A failed write leaves no partial file."""
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, root)
     path = os.path.join(folder, f"{name}_{counter:05}_.latent")
-    comfy.utils.save_torch_file({"latent_tensor": samples.contiguous(), "latent_format_version_0": torch.tensor([])},
-                                path)
+    try:
+        comfy.utils.save_torch_file({"latent_tensor": samples.contiguous(),
+                                     "latent_format_version_0": torch.tensor([])}, path)
+    except BaseException:
+        _remove(path)
+        raise
+    _keep_newest(folder, name, keep)
     return path
+
+
+def _keep_newest(folder: str, name: str, keep: int) -> None:
+    """Delete the files <name>_NNNNN_.latent of `folder` but the `keep` highest-numbered (the newest)."""
+    numbered = re.compile(rf"{re.escape(name)}_(\d{{5,}})_\.latent")
+    try:
+        entries = os.listdir(folder)
+    except OSError as exc:
+        log.warning("could not list %s to delete older %s files: %s", folder, name, exc)
+        return
+    saved = sorted((int(match.group(1)), entry) for entry in entries if (match := numbered.fullmatch(entry)))
+    for _, entry in saved[:-keep]:
+        _remove(os.path.join(folder, entry))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:   # a file that cannot go now is no reason to fail the caller
+        log.warning("could not remove %s: %s", path, exc)
 
 
 # ---------------------------------------------------------------- interrupt, progress, previews

@@ -9,7 +9,8 @@ same weights would each think they own them).
 Low VRAM, as with core's own VAE: a decode or encode loads nothing but the VAE (the library tells the host hook the
 call is VAE-only, so the release's patcher - LLM and ViT included - is not loaded for it, and core may unload it to
 make room); VAE weights that core's partial load left in RAM visit the GPU for the call only; out of memory untiled,
-the library retries tiled after freeing, then raises a clear OutOfMemory. The tiled variants are not retried.
+the library retries tiled after freeing, then raises a clear OutOfMemory naming the remedies ComfyUI offers. The
+tiled variants are not retried.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class LanceCoreVAE(comfy.sd.VAE):
             super().__init__(sd={})
         finally:
             root.removeFilter(quiet)
+        self.lance = model                       # its Loader settings are named in out-of-memory errors
         pipe = self.pipe = model.pipe
         vae = pipe.vae
         self.first_stage_model = vae.module     # get_sd(), model_size(): the library's module itself
@@ -72,18 +74,17 @@ class LanceCoreVAE(comfy.sd.VAE):
         return self._encode(pixel_samples, tiled=True)
 
     def _decode(self, samples, tiled: bool):
-        latent = runtime.check_latent({"samples": samples}, "samples")
-        return runtime.call(self.pipe.decode_raw_latents, latent, what="samples", tiled=tiled)
+        return runtime.decode(self.lance, runtime.check_latent({"samples": samples}, "samples"), tiled)
 
     def _encode(self, pixels, tiled: bool):
         """As core's Wan2.2 VAE: the frames are center-cropped to whole latent cells and only the first 4k+1
         frames are encoded."""
-        frames = runtime.check_video(pixels, "pixels", min_frames=1)
+        frames = runtime.check_images(pixels, "pixels")
         step, side = self.pipe.vae.temporal_factor, self.pipe.vae.spatial_factor
         if min(frames.shape[1:3]) < side:
             raise input_error(f"pixels: {frames.shape[2]}x{frames.shape[1]} px is smaller than one latent cell "
                               f"({side}x{side} px)")
         frames = self.vae_encode_crop_pixels(frames)
         frames = frames[:(frames.shape[0] - 1) // step * step + 1]
-        return runtime.call(self.pipe.encode_raw_latents, frames, what="pixels", tiled=tiled)
+        return runtime.encode(self.lance, frames, tiled)
 

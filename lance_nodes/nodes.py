@@ -226,7 +226,8 @@ class LanceT2I(io.ComfyNode):
     def execute(cls, model, prompt, width, height, context=None, negative_prompt="", seed_stride=1, **sampling):
         model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
                                     seed_stride=seed_stride)
-        result = runtime.generate(model.pipe.text_to_image, prompt, width=width, height=height, settings=settings)
+        result = runtime.generate(model, model.pipe.text_to_image, prompt, width=width, height=height,
+                                  settings=settings, to_fit="lower width/height or batch_size")
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -268,8 +269,9 @@ class LanceT2V(io.ComfyNode):
         runtime.check_finite(fps=fps)
         if start_image is not None:
             start_image = runtime.check_image(start_image, "start_image")
-        result = runtime.generate(model.pipe.text_to_video, prompt, width=width, height=height, num_frames=num_frames,
-                                  start_image=start_image, resolution=resolution, settings=settings)
+        result = runtime.generate(model, model.pipe.text_to_video, prompt, width=width, height=height,
+                                  num_frames=num_frames, start_image=start_image, resolution=resolution,
+                                  settings=settings, to_fit="lower width/height, num_frames or batch_size")
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -304,7 +306,8 @@ class LanceEdit(io.ComfyNode):
         model, settings = _settings(model, context, sampling, negative_prompt=negative_prompt or "",
                                     image_cfg_scale=image_cfg_scale, seed_stride=seed_stride)
         image = runtime.check_image(image, "image")
-        result = runtime.generate(model.pipe.edit_image, image, instruction, resolution=resolution, settings=settings)
+        result = runtime.generate(model, model.pipe.edit_image, image, instruction, resolution=resolution,
+                                  settings=settings, to_fit="pick a smaller resolution or batch_size")
         return io.NodeOutput(runtime.latent_output(result), runtime.frames_to_image(result.frames), result.context)
 
 
@@ -342,8 +345,9 @@ class LanceVideoEdit(io.ComfyNode):
                                     image_cfg_scale=image_cfg_scale, seed_stride=seed_stride)
         runtime.check_finite(fps=fps, source_fps=source_fps)
         video = runtime.check_video(video, "video")
-        result = runtime.generate(model.pipe.edit_video, video, instruction, resolution=resolution,
-                                  fps=float(source_fps) or None, settings=settings)
+        result = runtime.generate(model, model.pipe.edit_video, video, instruction, resolution=resolution,
+                                  fps=float(source_fps) or None, settings=settings,
+                                  to_fit="pick a smaller resolution or batch_size, or edit fewer frames")
         return io.NodeOutput(*_video_result(result, fps), result.context)
 
 
@@ -415,10 +419,11 @@ class LanceUnderstand(io.ComfyNode):
         def on_token(text_so_far: str) -> None:
             compat.send_text(node_id, text_so_far)
 
-        result = runtime.call(model.pipe.understand, media, question, instruction=instruction or None,
+        result = runtime.call(model, model.pipe.understand, media, question, instruction=instruction or None,
                               resolution=None if resolution == "auto" else resolution,
                               max_new_tokens=max_new_tokens, sampling=_sampling_options(temperature, top_p, seed),
-                              on_token=on_token, context=context, fps=float(source_fps) or None)
+                              on_token=on_token, context=context, fps=float(source_fps) or None,
+                              to_fit="ask for fewer max_new_tokens or pick a smaller resolution")
         return io.NodeOutput(result.text, result.context, ui=ui.PreviewText(result.text))
 
 
@@ -446,7 +451,8 @@ class LancePromptEnhance(io.ComfyNode):
         model = runtime.check_model(model)
         if not prompt or not prompt.strip():
             raise input_error("prompt is empty: write a short prompt to enhance")
-        text = runtime.call(model.pipe.enhance_prompt, prompt, target=target, max_new_tokens=max_new_tokens)
+        text = runtime.call(model, model.pipe.enhance_prompt, prompt, target=target, max_new_tokens=max_new_tokens,
+                            to_fit="ask for fewer max_new_tokens")
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
@@ -468,8 +474,7 @@ class LanceDecode(io.ComfyNode):
     @node_errors
     def execute(cls, model, samples):
         model = runtime.check_model(model)
-        latent = runtime.check_latent(samples, "samples")
-        frames = runtime.call(model.pipe.decode_raw_latents, latent, what="samples")
+        frames = runtime.decode(model, runtime.check_latent(samples, "samples"))
         return io.NodeOutput(runtime.frames_to_image(frames))
 
 

@@ -13,14 +13,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import compat
-from .errors import CheckpointError, OutOfMemory, input_error
+from . import compat, errors
+from .errors import CheckpointError, input_error
 from .library import lance_model
 from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
 
 log = logging.getLogger("lance_nodes")
 
 LATENT_CHANNELS = 48           # Wan2.2 VAE latent channels (ComfyUI's Wan22 latent format)
+KEPT_UNDECODED = 4             # latents of decodes that ran out of memory: files kept per folder (the oldest go)
 
 
 @dataclass
@@ -230,34 +231,53 @@ def _check_finite_tensor(tensor: torch.Tensor, what: str, kind: str) -> None:
                           f"node that produced it)")
 
 
+def _check_pixels(frames: torch.Tensor, what: str, kind: str) -> torch.Tensor:
+    """What every IMAGE input needs once its layout is right: a frame size Lance accepts, finite values in 0..1."""
+    lance_model.media.check_frame_size(frames.shape[1], frames.shape[2], what)
+    _check_finite_tensor(frames, what, kind)
+    lance_model.validation.require_unit_range(frames, what)
+    return frames[..., :3]
+
+
+def _is_image_batch(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[-1] in (3, 4)
+
+
+def _layout(value) -> object:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_image(image, what: str = "image") -> torch.Tensor:
     """A single image: IMAGE [1,H,W,3]."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise input_error(f"{what}: expected an IMAGE [batch, height, width, 3], got {shape}")
+    if not _is_image_batch(image):
+        raise input_error(f"{what}: expected an IMAGE [batch, height, width, 3], got {_layout(image)}")
     if image.shape[0] != 1:
         raise input_error(
             f"{what}: got an IMAGE batch of {image.shape[0]} images, but this input takes one image. "
             f"Pick one (e.g. core 'ImageFromBatch'), or use a video input (Lance Video Edit / Understand 'video') "
             f"if the batch is a video's frames.")
-    lance_model.media.check_frame_size(image.shape[1], image.shape[2], what)
-    _check_finite_tensor(image, what, "IMAGE")
-    return image[..., :3]
+    return _check_pixels(image, what, "IMAGE")
 
 
-def check_video(frames, what: str = "video", min_frames: int = 2) -> torch.Tensor:
-    """A video as an IMAGE batch of frames [T,H,W,3], T >= min_frames."""
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4):
-        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise input_error(f"{what}: expected video frames as an IMAGE batch [frames, height, width, 3], got {shape}")
-    if frames.shape[0] < min_frames:
+def check_video(frames, what: str = "video") -> torch.Tensor:
+    """A video as an IMAGE batch of frames [T,H,W,3], T >= 2."""
+    if not _is_image_batch(frames):
+        raise input_error(f"{what}: expected video frames as an IMAGE batch [frames, height, width, 3], got "
+                          f"{_layout(frames)}")
+    if frames.shape[0] < 2:
         raise input_error(
-            f"{what}: got {frames.shape[0]} frame(s), but a video is needed (at least {min_frames} frames, "
+            f"{what}: got {frames.shape[0]} frame(s), but a video is needed (at least 2 frames, "
             f"typically 4k+1 such as 5, 17, 33 or 61). Load a video (core 'Load Video' -> 'Get Video Components'), "
             f"or use the image input / Lance Edit for a single image.")
-    lance_model.media.check_frame_size(frames.shape[1], frames.shape[2], what)
-    _check_finite_tensor(frames, what, "video")
-    return frames[..., :3]
+    return _check_pixels(frames, what, "video")
+
+
+def check_images(images, what: str) -> torch.Tensor:
+    """One image or a video's frames, as an IMAGE batch [T,H,W,3] (VAE Encode takes either)."""
+    if not _is_image_batch(images):
+        raise input_error(f"{what}: expected an IMAGE [batch, height, width, 3] (one image or a video's frames), "
+                          f"got {_layout(images)}")
+    return _check_pixels(images, what, "IMAGE")
 
 
 def check_latent(latent, what: str = "samples") -> torch.Tensor:
@@ -294,22 +314,70 @@ class _Progress:
         self.bar.update_absolute(self.done, total, preview)
 
 
-def generate(task, *args, settings, **kwargs):
-    """Run one generation task method of a pipeline (e.g. `model.pipe.text_to_image`) with `settings` wired to
-    the progress bar + latent previews and to ComfyUI's interrupt. When sampling finished but decoding ran out of
-    memory, the sampled LATENT is saved to the output folder and the error says where (nothing is lost)."""
+def generate(model: LoadedLance, task, *args, settings, to_fit: str, **kwargs):
+    """Run one generation task method of the model's pipeline (e.g. `model.pipe.text_to_image`) with `settings`
+    wired to the progress bar + latent previews and to ComfyUI's interrupt. Out of memory, the error names the
+    remedies of the node (`to_fit`: its inputs that shrink the request) and the Loader; when sampling finished
+    but decoding ran out of memory, the sampled LATENT is kept in a file and the error says where."""
     settings = replace(settings, on_step=_Progress(settings.steps).on_step, cancel=compat.interrupted)
     try:
         return _interruptible(task, *args, settings=settings, **kwargs)
     except lance_model.DecodeOutOfMemory as exc:
-        path = compat.save_latent(latent_output(exc.result)["samples"], "lance/undecoded")
-        raise OutOfMemory(f"{exc}. Saved the sampled LATENT to {path}: copy it into ComfyUI's input folder, load it "
-                          f"with Load Latent and decode it with VAE Decode (Tiled) or Lance Decode Latent.") from exc
+        kept = keep_undecoded(latent_output(exc.result)["samples"])
+        raise errors.out_of_memory(exc, model, LOADER_MEMORY_MODES, to_fit, runs_llm=False, kept=kept) from exc
+    except lance_model.OutOfMemory as exc:
+        raise errors.out_of_memory(exc, model, LOADER_MEMORY_MODES, to_fit) from exc
 
 
-def call(task, *args, **kwargs):
-    """Run one other library call (understanding, decoding) with `cancel` = ComfyUI's interrupt check."""
-    return _interruptible(task, *args, cancel=compat.interrupted, **kwargs)
+def call(model: LoadedLance, task, *args, to_fit: str = "", runs_llm: bool = True, **kwargs):
+    """Run one other library call (understanding, decoding) with `cancel` = ComfyUI's interrupt check; out of
+    memory, the error names the node's remedies (`to_fit`; fp8 weights where the call `runs_llm`)."""
+    try:
+        return _interruptible(task, *args, cancel=compat.interrupted, **kwargs)
+    except lance_model.OutOfMemory as exc:
+        raise errors.out_of_memory(exc, model, LOADER_MEMORY_MODES, to_fit, runs_llm=runs_llm) from exc
+
+
+def decode(model: LoadedLance, samples: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """A checked LATENT's samples -> frames [B, T, H, W, 3] (Lance Decode, core VAE Decode on Lance's VAE)."""
+    batch = samples.shape[0]
+    to_fit = f"decode the {batch} samples one at a time (core Latent From Batch)" if batch > 1 else ""
+    return call(model, model.pipe.decode_raw_latents, samples, what="samples", tiled=tiled, to_fit=to_fit,
+                runs_llm=False)
+
+
+def encode(model: LoadedLance, frames: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """Checked IMAGE frames -> LATENT samples (core VAE Encode on Lance's VAE)."""
+    what = "image" if frames.shape[0] == 1 else "frames"
+    return call(model, model.pipe.encode_raw_latents, frames, what="pixels", tiled=tiled,
+                to_fit=f"encode a smaller {what} (scale it down first, e.g. with core Upscale Image By)",
+                runs_llm=False)
+
+
+def keep_undecoded(samples: torch.Tensor) -> str:
+    """Save a LATENT whose decode ran out of memory (core's SaveLatent format) to output/lance, or where that
+    fails to ComfyUI's temp folder; returns the sentence telling the artist where it is, or why it is lost.
+    Never raises: the out-of-memory error it goes into must reach the artist."""
+    use = ("copy it into ComfyUI's input folder, load it with Load Latent and decode it in a prompt of its own with "
+           f"Lance Decode Latent or VAE Decode (Tiled) (the last {KEPT_UNDECODED} of these files are kept)")
+    try:
+        path = compat.save_latent(samples, compat.output_directory(), "lance/undecoded", keep=KEPT_UNDECODED)
+        return f"The sampled LATENT is saved to {path}: {use}."
+    except Exception as exc:  # noqa: BLE001 - a full disk, a file in the folder's place...: try the temp folder
+        output_failed = _reason(exc)
+    try:
+        path = compat.save_latent(samples, compat.temp_directory(), "lance/undecoded", keep=KEPT_UNDECODED)
+        return (f"The sampled LATENT could not be saved in the output folder ({output_failed}), so it is saved to "
+                f"{path}, in ComfyUI's temp folder, which ComfyUI empties when it starts or stops: {use}.")
+    except Exception as exc:  # noqa: BLE001 - say why; the out-of-memory error still goes out
+        return (f"The sampled LATENT could not be kept: saving it failed in the output folder ({output_failed}) "
+                f"and in ComfyUI's temp folder ({_reason(exc)}).")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _interruptible(task, *args, **kwargs):

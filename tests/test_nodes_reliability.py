@@ -138,22 +138,6 @@ def test_out_of_memory_frees_and_keeps_the_model(nodes, tiny_model, lib, monkeyp
     assert torch.equal(t2i(nodes, tiny_model, seed=5)[0]["samples"], reference)
 
 
-def test_decode_out_of_memory_saves_the_sampled_latent(nodes, tiny_model, lib, monkeypatch):
-    """Sampling finished but the VAE decode ran out of memory, untiled and tiled: the node's error names the
-    .latent file the sampled LATENT was saved to (core's SaveLatent format), holding exactly that LATENT."""
-    from safetensors.torch import load_file   # as core's Load Latent reads it
-    reference = t2i(nodes, tiny_model, seed=9)[0]["samples"]
-
-    def out_of_memory(vae, latents):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(type(tiny_model.pipe.vae), "decode", out_of_memory)
-    with pytest.raises(lib.OutOfMemory, match=r"Saved the sampled LATENT to (\S+\.latent)") as info:
-        t2i(nodes, tiny_model, seed=9)
-    path = re.search(r"Saved the sampled LATENT to (\S+\.latent)", str(info.value)).group(1)
-    saved = load_file(path)
-    assert torch.equal(saved["latent_tensor"], reference)
-
-
 def test_largest_seed_with_a_batch(nodes, tiny_model):
     latent = t2i(nodes, tiny_model, seed=2 ** 64 - 1, batch_size=2)[0]["samples"]
     assert latent.shape[0] == 2 and torch.isfinite(latent).all()

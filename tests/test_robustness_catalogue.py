@@ -54,7 +54,7 @@ def scratch(tmp_path_factory):
 def _normalized(message: str, env: Env) -> str:
     """The message as the document shows it: no machine-specific paths or ids."""
     text = message.replace(str(env.scratch), "<tmp>").replace(str(env.golden_checkpoint), "<checkpoint>")
-    text = re.sub(r"(?<![\w.])(/[^\s'\"\],]+)+/(lance|models)\b", r"<models>", text)
+    text = re.sub(r"(?<![\w.>])(/[^\s'\"\],]+)+/(lance|models)\b", r"<models>", text)
     text = re.sub(r"@[0-9a-f]{12}", "@<id>", text)
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     text = re.sub(r"(inside models/lance \(one of )\[[^\]]*\]", r"\1[<the folder's entries>]", text)
