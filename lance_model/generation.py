@@ -81,7 +81,7 @@ def sample(session: LanceSession, inputs: GenerationInputs, options: SamplerOpti
 def estimate(session: LanceSession, inputs: GenerationInputs, options: SamplerOptions, batch: int,
              decode_too: bool) -> Estimate:
     """Lower-bound bytes of the sampling stage (KV cache of the guided branches + the largest forward) and of the
-    decode stage."""
+    decode stage (tiled: a decode that does not fit untiled falls back to tiles, so that is the least it needs)."""
     cfg, seq = session.config, inputs.seq
     target = seq.target_split
     rows = batch * min(options.guidance.branch_count(options.timesteps), 2)
@@ -92,16 +92,18 @@ def estimate(session: LanceSession, inputs: GenerationInputs, options: SamplerOp
                                                                    session.dtype))
     result.add("sampling", "LLM weights", session.stage_weights(session.llm))
     if decode_too:
-        add_decode(session, result, inputs.target, batch)
+        add_decode(session, result, inputs.target, batch, tiled=True)
     return result
 
 
-def add_decode(session: LanceSession, estimate_: Estimate, grid: LatentGrid, batch: int) -> None:
+def add_decode(session: LanceSession, estimate_: Estimate, grid: LatentGrid, batch: int,
+               tiled: bool | None = None) -> None:
+    """The decode stage of `grid` latents, tiled or not as the VAE is set (or as `tiled` says)."""
     c, vae = session.config.constants, session.vae
     estimate_.add("VAE decode", "VAE working set and output", vae_decode_bytes(
         int(vae.module.config.decoder_base_dim), c.vae_temporal_factor * (grid.frames - 1) + 1,
-        grid.height * c.vae_spatial_factor, grid.width * c.vae_spatial_factor, batch, vae.dtype, vae.tiling_enabled,
-        c.vae_temporal_factor))
+        grid.height * c.vae_spatial_factor, grid.width * c.vae_spatial_factor, batch, vae.dtype,
+        vae.tiling_enabled if tiled is None else tiled, c.vae_temporal_factor))
     estimate_.add("VAE decode", "VAE weights", session.stage_weights(vae.module))
 
 

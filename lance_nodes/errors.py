@@ -35,6 +35,7 @@ LESS_VRAM = {"resident": ("auto", "stream", "offload"), "dynamic": ("auto", "str
 # its weight_dtype choices with smaller weights than each one: the last resort, as fp8 weights change the results
 SMALLER_WEIGHTS = {"default": ("fp8_e4m3fn", "fp8_e4m3fn (both experts)"),
                    "fp8_e4m3fn": ("fp8_e4m3fn (both experts)",)}
+FP8_MEMORY_MODES = ("auto", "stream")   # the memory modes the Loader takes fp8 weights with (Lance places them)
 
 
 def out_of_memory(exc, model, loader_modes, inputs: str = "", runs_llm: bool = True, kept: str = "") -> OutOfMemory:
@@ -54,8 +55,9 @@ def out_of_memory(exc, model, loader_modes, inputs: str = "", runs_llm: bool = T
     todo = "; or ".join(remedies) or "free the memory other programs hold"
     dtypes = SMALLER_WEIGHTS.get(weight_dtype, ()) if runs_llm else ()
     if dtypes:
-        todo += (f"; or, as a last resort, set the Lance Loader's weight_dtype to {_either(dtypes)} (smaller "
-                 f"weights, but the results change)")
+        modes = "" if model.memory_mode in FP8_MEMORY_MODES else f" with memory_mode {_either(FP8_MEMORY_MODES)}"
+        todo += (f"; or, as a last resort, set the Lance Loader's weight_dtype to {_either(dtypes)}{modes} "
+                 f"(smaller weights, but the results change)")
     kept = f" {kept}" if kept else ""
     return OutOfMemory(f"{exc.facts} (Lance Loader: {in_use}).{kept} To run it in less memory: {todo}. The model is "
                        f"still loaded and usable.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import compat, errors
-from .errors import CheckpointError, input_error
+from .errors import FP8_MEMORY_MODES, CheckpointError, input_error
 from .library import lance_model
 from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
 
@@ -99,7 +99,7 @@ def get_model(name: str, variant: str = "auto", dtype: str = "auto", attention: 
         raise input_error(f"memory_mode must be one of {LOADER_MEMORY_MODES}, got {memory_mode!r}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise input_error(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    if WEIGHT_DTYPES[weight_dtype] and memory_mode not in ("auto", "stream"):
+    if WEIGHT_DTYPES[weight_dtype] and memory_mode not in FP8_MEMORY_MODES:
         raise input_error(f"weight_dtype {weight_dtype!r} needs memory_mode 'auto' or 'stream' (where Lance places "
                           f"its weights itself); with {memory_mode!r} ComfyUI manages them, and its weight patches "
                           f"(LoRA) do not know Lance's fp8 scales")

@@ -274,3 +274,19 @@ def test_decode_out_of_memory_keeps_the_sampled_latents(pipe, monkeypatch):
     assert torch.equal(error.value.result.latents, expected) and error.value.result.frames is None
     monkeypatch.undo()
     assert pipe.text_to_image("a red cat", **SMALL).frames is not None
+
+
+def test_up_front_check_counts_the_decode_it_can_fall_back_to(pipe, monkeypatch):
+    """A generation is refused up front only when even its tiled decode cannot fit: the decode itself falls back to
+    tiles when the untiled one does not (the untiled estimate would turn away requests that fit)."""
+    from lance_model import generation, memory
+    side = 2 * memory.TILE_SIDE   # larger than a tile
+    inputs = pipe.prepare_text_to_image("a red cat", width=side, height=side)
+    options = generation.GenerationSettings(steps=2).sampler_options()
+    tiled = generation.estimate(pipe.session, inputs, options, 1, decode_too=True).stages["VAE decode"]
+    with pipe.vae.tiled(False):
+        untiled = memory.Estimate()
+        generation.add_decode(pipe.session, untiled, inputs.target, 1)
+    assert sum(tiled.values()) < sum(untiled.stages["VAE decode"].values())
+    assert tiled["VAE working set and output"] == memory.vae_decode_bytes(
+        int(pipe.vae.module.config.decoder_base_dim), 1, side, side, 1, pipe.vae.dtype, True)
