@@ -413,3 +413,24 @@ def test_cuda_understanding_under_a_partial_load_decodes_eagerly(golden, cuda_fp
         forced = greedy_answer(partial, 6, cuda_graph=True)
     assert forced.ids == greedy_answer(cuda_fp32, 6, cuda_graph=False).ids
     assert any("capture of the decode step failed" in r.getMessage() for r in caplog.records)
+
+
+def test_decode_out_of_memory_facts_carry_no_library_advice(cuda_capped, monkeypatch):
+    """A real CUDA out-of-memory in the decode after sampling: DecodeOutOfMemory.facts names what ran out (the CUDA
+    error's first line, untiled and tiled) without load_lance advice, for a host's own wording (the nodes')."""
+    import lance_model.memory as memory
+    from lance_model import DecodeOutOfMemory
+
+    pipe, device = cuda_capped
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)   # no up-front refusal: a real OOM
+    monkeypatch.setattr(type(pipe.vae), "decode", spy_decode(type(pipe.vae), [], lambda: cap_memory(device, 0)))
+    side = 32 * pipe.vae.spatial_factor
+    try:
+        with pytest.raises(DecodeOutOfMemory) as error:
+            pipe.text_to_image("a red cat", width=side, height=side, steps=2, seed=0)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    facts = error.value.facts
+    assert facts.startswith(f"sampling finished, but decoding its latents ran out of memory on {device}, untiled (")
+    assert "CUDA out of memory" in facts and ") and tiled (" in facts
+    assert "this error's" not in facts and "memory='" not in facts and "memory mode" not in facts
