@@ -142,7 +142,7 @@ def architecture(release: bool, dtype: torch.dtype):
     """(llm, vit, vae) modules on the meta device (no memory), with the tiny checkpoint's ids: at release size
     (the LLM and ViT of bench/random_release.py, the Wan2.2 VAE at release width), or the tiny checkpoint's own
     sizes (--smoke)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from lance_model.qwen_vision import Qwen2_5_VisionTransformerPretrainedModel
     llm_raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
     vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
     vae_arch = _architecture_from_weights(
@@ -164,10 +164,10 @@ def architecture(release: bool, dtype: torch.dtype):
 def random_weights(release: bool, dtype: torch.dtype, device: torch.device) -> Weights:
     """The architecture with random weights, allocated and initialised on `device` (on a GPU: seconds for the
     release, where normal_ on the CPU takes minutes)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+    from lance_model.qwen_vision import vision_rotary
     torch.manual_seed(0)
     llm, vit, vae = (_init(module.to_empty(device=device)) for module in architecture(release, dtype))
-    vit.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(vit.config).to(device)   # its frequencies are computed
+    vit.rotary_pos_emb = vision_rotary(vit.config).to(device)   # its frequencies are computed
     return Weights(llm, LanceViT(vit), LanceVAE(vae))
 
 

@@ -8,17 +8,14 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLVisionRotaryEmbedding,
-)
 
 from .checkpoint import assert_no_meta, check_state_keys, materialize, read_json, safetensors_keys, stream_safetensors
 from .config import ConfigFields
 from .errors import CheckpointError, InputError
 from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 from .module_handle import ModuleHandle
+from .qwen_vision import (Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLVisionConfig, merged_embeddings,
+                          vision_rotary)
 
 VIT_CONFIG_FILE = "config.json"
 VIT_WEIGHTS_FILE = "vit.safetensors"
@@ -124,7 +121,7 @@ class LanceViT(ModuleHandle):
         rows, grid = self.patchify(pixels)
         rows = rows.to(device=self.device, dtype=self.dtype)
         grid_thw = torch.tensor([grid], dtype=torch.long, device=self.device)
-        return self.module(rows, grid_thw).pooler_output
+        return merged_embeddings(self.module(rows, grid_thw))
 
 
 def _resolve_sources(vit_source: str | Path | tuple[str | Path, str | Path]) -> tuple[Path, Path]:
@@ -190,6 +187,6 @@ def load_vit(vit_source: str | Path | tuple[str | Path, str | Path], dtype: torc
     device = torch.device(device)
     materialize(module, stream_safetensors(weights_path, [(prefix + key, key) for key in expected], dtype, device))
     # The rotary table is a non-persistent buffer (not in the file): rebuild it for real, in float32.
-    module.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config).to(device)
+    module.rotary_pos_emb = vision_rotary(config).to(device)
     assert_no_meta(module, str(weights_path))
     return LanceViT(module.eval().requires_grad_(False))
