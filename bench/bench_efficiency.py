@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import random_llm, real_width_config, timed  # noqa: E402
-from lance_model import llm as llm_module  # noqa: E402
-from lance_model.llm import CacheSlot, query_segments  # noqa: E402
+from lance_model.nn import llm as llm_module  # noqa: E402
+from lance_model.nn.llm import CacheSlot, query_segments  # noqa: E402
 
 CPU = torch.device("cpu")
 

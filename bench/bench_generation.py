@@ -14,11 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GOLDEN, random_llm, real_width_config, timed  # noqa: E402
-from lance_model.branches import BranchEngine  # noqa: E402
-from lance_model.generation import initial_noise  # noqa: E402
-from lance_model.guidance import GuidanceOptions  # noqa: E402
-from lance_model.request import GenerationInputs, LatentGrid  # noqa: E402
-from lance_model.sampler import FlowSampler, SamplerOptions  # noqa: E402
+from lance_model.tasks.branches import BranchEngine  # noqa: E402
+from lance_model.tasks.generation import initial_noise  # noqa: E402
+from lance_model.tasks.guidance import GuidanceOptions  # noqa: E402
+from lance_model.tasks.request import GenerationInputs, LatentGrid  # noqa: E402
+from lance_model.tasks.sampler import FlowSampler, SamplerOptions  # noqa: E402
 
 STEPS = 4
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     llm = random_llm(real_width_config(args.layers), dtype, device)
     grid = LatentGrid((args.frames - 1) // 4 + 1, args.size // 16, args.size // 16)
-    from lance_model.prepare import text_to_visual_sequence
+    from lance_model.tasks.prepare import text_to_visual_sequence
     seq = text_to_visual_sequence(pipe.session, "a red cat holds a blue sign", grid, video=args.frames > 1)
     report(f"real width ({args.layers} layers) {args.size}px x {args.frames} frames", llm, GenerationInputs(seq, grid), device)
 

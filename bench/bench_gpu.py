@@ -50,18 +50,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GOLDEN, REPO, copy_bandwidth, cuda_device, seconds  # noqa: E402
 from bench.random_release import REAL_LLM, REAL_VIT, RELEASE_VAE  # noqa: E402
 from lance_model import GenerationSettings, LancePipeline, SamplingOptions, load_lance  # noqa: E402
-from lance_model.attention import Attention  # noqa: E402
-from lance_model.checkpoint import load_torch_state_dict, resolve_release  # noqa: E402
-from lance_model.config import LLMConfig  # noqa: E402
+from lance_model.nn.attention import Attention  # noqa: E402
+from lance_model.nn.checkpoint import load_torch_state_dict, resolve_release  # noqa: E402
+from lance_model.nn.config import LLMConfig  # noqa: E402
 from lance_model.errors import first_line  # noqa: E402
-from lance_model.llm import LanceLLM  # noqa: E402
-from lance_model.loader import place  # noqa: E402
-from lance_model.memory import GIB, readable  # noqa: E402
-from lance_model.session import LanceSession  # noqa: E402
-from lance_model.tokenizer import LanceTokenizer  # noqa: E402
-from lance_model.vae import LanceVAE, _architecture_from_weights, _build_module, convert_wan_vae_keys  # noqa: E402
-from lance_model.vit import LanceViT, load_vit_config  # noqa: E402
-from lance_model.vram_plan import (DEVICE_MARGIN, STREAM_AHEAD, WeightBytes, candidates, choose_plan,  # noqa: E402
+from lance_model.nn.llm import LanceLLM  # noqa: E402
+from lance_model.runtime.loader import place  # noqa: E402
+from lance_model.runtime.memory import GIB, readable  # noqa: E402
+from lance_model.runtime.session import LanceSession  # noqa: E402
+from lance_model.nn.tokenizer import LanceTokenizer  # noqa: E402
+from lance_model.nn.vae import LanceVAE, _architecture_from_weights, _build_module, convert_wan_vae_keys  # noqa: E402
+from lance_model.nn.vit import LanceViT, load_vit_config  # noqa: E402
+from lance_model.runtime.vram_plan import (DEVICE_MARGIN, STREAM_AHEAD, WeightBytes, candidates, choose_plan,  # noqa: E402
                                    working_reserve)
 
 PROMPT = "A red fox standing in a snowy birch forest at dawn, soft golden light, photorealistic, detailed fur."
@@ -142,7 +142,7 @@ def architecture(release: bool, dtype: torch.dtype):
     """(llm, vit, vae) modules on the meta device (no memory), with the tiny checkpoint's ids: at release size
     (the LLM and ViT of bench/random_release.py, the Wan2.2 VAE at release width), or the tiny checkpoint's own
     sizes (--smoke)."""
-    from lance_model.qwen_vision import Qwen2_5_VisionTransformerPretrainedModel
+    from lance_model.nn.qwen_vision import Qwen2_5_VisionTransformerPretrainedModel
     llm_raw = json.loads((GOLDEN / "checkpoint" / "Lance_3B" / "llm_config.json").read_text())
     vit_raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
     vae_arch = _architecture_from_weights(
@@ -164,7 +164,7 @@ def architecture(release: bool, dtype: torch.dtype):
 def random_weights(release: bool, dtype: torch.dtype, device: torch.device) -> Weights:
     """The architecture with random weights, allocated and initialised on `device` (on a GPU: seconds for the
     release, where normal_ on the CPU takes minutes)."""
-    from lance_model.qwen_vision import vision_rotary
+    from lance_model.nn.qwen_vision import vision_rotary
     torch.manual_seed(0)
     llm, vit, vae = (_init(module.to_empty(device=device)) for module in architecture(release, dtype))
     vit.rotary_pos_emb = vision_rotary(vit.config).to(device)   # its frequencies are computed

@@ -20,15 +20,15 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GOLDEN, real_width_config  # noqa: E402
-from lance_model.loader import llm_expected_keys  # noqa: E402
+from lance_model.runtime.loader import llm_expected_keys  # noqa: E402
 
 # Peak anonymous memory (RssAnon, sampled every 5 ms) of a fresh process, in kB, and beside it VmHWM (every resident
 # page). The loader reads tensors with plain file reads, so no file-backed pages of the weights stay resident.
 LOAD_AND_REPORT = """
 import sys, threading, time, torch
 sys.path.insert(0, {repo!r})
-from lance_model.checkpoint import resolve_release
-from lance_model.loader import load_llm
+from lance_model.nn.checkpoint import resolve_release
+from lance_model.runtime.loader import load_llm
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
 peak = [status("RssAnon")]

@@ -15,12 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GOLDEN, copy_bandwidth, random_llm, real_width_config, timed, und_expert_bytes  # noqa: E402
-from lance_model.packing import PackedSequence  # noqa: E402
-from lance_model.understanding import decode  # noqa: E402
+from lance_model.tasks.packing import PackedSequence  # noqa: E402
+from lance_model.tasks.understanding import decode  # noqa: E402
 
 
 def text_sequence(length: int, vocab: int) -> PackedSequence:
-    from lance_model.packing import Split
+    from lance_model.tasks.packing import Split
 
     ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(length).expand(3, -1)

@@ -1,5 +1,5 @@
 """VAE decode speed on the release-size Wan2.2 VAE (random weights, bench/random_release.py): this pack's
-zero-skipping causal convs (lance_model/vae_convs.py) against diffusers' plain layers, interleaved in one run,
+zero-skipping causal convs (lance_model/nn/vae_convs.py) against diffusers' plain layers, interleaved in one run,
 with the largest output difference.
 
     python bench/bench_vae.py [--size 256] [--latent-frames 1] [--repeat 3]
@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.random_release import mid_release  # noqa: E402
-from lance_model.vae import load_vae  # noqa: E402
-from lance_model.vae_convs import ZeroSkippingCausalConv3d  # noqa: E402
+from lance_model.nn.vae import load_vae  # noqa: E402
+from lance_model.nn.vae_convs import ZeroSkippingCausalConv3d  # noqa: E402
 
 
 def set_zero_skipping(vae, enabled: bool) -> None:

@@ -42,7 +42,7 @@ import json, sys, time, torch
 sys.path.insert(0, {repo!r})
 torch.set_num_threads({threads})
 from lance_model import load_lance
-from lance_model.media import load_image
+from lance_model.io.media import load_image
 
 def hwm_gb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 2**20
@@ -60,7 +60,7 @@ with torch.inference_mode():
                               resolution="image_256res", max_new_tokens={tokens},
                               on_token=lambda _: marks.append(time.perf_counter()))
         end = time.perf_counter()
-        from lance_model.understanding import STREAM_CHUNK_TOKENS  # on_token: once per chunk of this many ids
+        from lance_model.tasks.understanding import STREAM_CHUNK_TOKENS  # on_token: once per chunk of this many ids
         result.update(generate_total_s=end - start, num_generated=len(out.token_ids),
                       token_s=[(b - a) / STREAM_CHUNK_TOKENS for a, b in zip(marks, marks[1:])])
     else:

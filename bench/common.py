@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from lance_model.attention import Attention
-from lance_model.config import LLMConfig
-from lance_model.llm import LanceLLM
+from lance_model.nn.attention import Attention
+from lance_model.nn.config import LLMConfig
+from lance_model.nn.llm import LanceLLM
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("LANCE_GOLDEN") or REPO / "tests" / "golden")

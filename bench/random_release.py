@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.common import GOLDEN
-from lance_model.checkpoint import load_torch_state_dict
-from lance_model.config import LLMConfig
-from lance_model.llm import LanceLLM
-from lance_model.vae import _architecture_from_weights, _build_module, convert_wan_vae_keys
+from lance_model.nn.checkpoint import load_torch_state_dict
+from lance_model.nn.config import LLMConfig
+from lance_model.nn.llm import LanceLLM
+from lance_model.nn.vae import _architecture_from_weights, _build_module, convert_wan_vae_keys
 
 MID_LLM = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                intermediate_size=5504, vocab_size=16384, torch_dtype="float32",
@@ -92,7 +92,7 @@ def _write_llm(target: Path, sizes: dict, dtype: torch.dtype, generator) -> None
 
 def _write_vit(target: Path, sizes: dict, dtype: torch.dtype, generator) -> None:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    from lance_model.vit import load_vit_config
+    from lance_model.nn.vit import load_vit_config
     target.mkdir(parents=True)
     raw = json.loads((GOLDEN / "checkpoint" / "Qwen2.5-VL-ViT" / "config.json").read_text())
     raw.update(sizes)

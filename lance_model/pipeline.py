@@ -11,17 +11,17 @@ from typing import Callable
 
 import torch
 
-from . import encoders, generation, prepare, text_generation
-from .context import LanceContext
-from .generation import GenerationResult
-from .loader import load_session
-from .request import GenerationInputs
-from .sampler import StepInfo
-from .session import SCOPE_VAE, LanceSession, task
-from .settings import GenerationSettings
-from .text_generation import UnderstandingResult
-from .understanding import SamplingOptions
-from .validation import require_bool
+from .tasks import encoders, generation, prepare, text_generation
+from .tasks.context import LanceContext
+from .tasks.generation import GenerationResult
+from .runtime.loader import load_session
+from .tasks.request import GenerationInputs
+from .tasks.sampler import StepInfo
+from .runtime.session import SCOPE_VAE, LanceSession, task
+from .tasks.settings import GenerationSettings
+from .tasks.text_generation import UnderstandingResult
+from .tasks.understanding import SamplingOptions
+from .io.validation import require_bool
 
 
 class LancePipeline:

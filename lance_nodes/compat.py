@@ -23,7 +23,7 @@ Differences handled (checked against 0.3.64's comfy_api/latest and upstream mast
   first), and a full unload moves the whole model. 0.33.0's ModelPatcher does the same; its ModelPatcherDynamic
   moves every plain weight to the GPU when it loads (keeping the RAM tensor as a backup) and puts the backups back
   when it frees memory. Either way the library brings what is left in RAM for its stage only and sends it back
-  after, so core's account of what it loaded stays true (lance_model/session.py).
+  after, so core's account of what it loaded stays true (lance_model/runtime/session.py).
 - Models are never unloaded by hand: the pack drops its references and core's own bookkeeping (weak references
   in `current_loaded_models`, `free_memory` under pressure) does the rest, as for core's own loaders.
 """

@@ -1,6 +1,6 @@
 """Lance as a core ComfyUI MODEL: a flow `BaseModel` whose diffusion model is the library's `LanceLLM`.
 
-CONDITIONING carries device-free requests (`lance_model.branches.Branch`: the packed sequence, ViT embeddings,
+CONDITIONING carries device-free requests (`lance_model.tasks.branches.Branch`: the packed sequence, ViT embeddings,
 clean condition latents and which CFG branch) - never KV tensors. The prefix KV cache is built inside the model by
 the library's branch engine from the weights as patched for this run (so weight patches / LoRA reach it), once per
 run and branch, and dropped when ComfyUI starts or ends a run (`current_patcher`, set by ModelPatcher.pre_run /
@@ -60,7 +60,7 @@ class LanceDiffusion(torch.nn.Module):
         self.llm = session.llm
         self.store = session.prefixes
         # looked up per run: the host connects its weights_version hook after this model is built
-        self.engine = lance_model.branches.BranchEngine(session.llm, self.store, lambda: session.weights_version())
+        self.engine = lance_model.tasks.branches.BranchEngine(session.llm, self.store, lambda: session.weights_version())
         self.calls = 0  # forwards actually run (EasyCache skips some), for tests and diagnostics
 
     @property
@@ -87,9 +87,9 @@ class LanceDiffusion(torch.nn.Module):
             raise input_error("positive/negative: the Lance MODEL needs conditioning from a 'Lance Conditioning' "
                               "node (text-encoder conditioning such as CLIPTextEncode does not apply)")
         self.calls += 1
-        request = lance_model.request
+        request = lance_model.tasks.request
         tokens = request.video_to_tokens(x).contiguous()  # contiguous: a strided view changes bf16 GEMM results
-        v = lance_model.velocity.host_velocity(self.engine, tokens, timestep.reshape(-1), requests)
+        v = lance_model.tasks.velocity.host_velocity(self.engine, tokens, timestep.reshape(-1), requests)
         b, c, t, h, w = x.shape
         return request.tokens_to_video(v, request.LatentGrid(t, h, w)).to(x.dtype)
 

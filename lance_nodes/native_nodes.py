@@ -66,7 +66,7 @@ def build_conditioning(pipe, inputs, batch_size: int = 1):
     """positive / negative / image-negative CONDITIONING and the LATENT to sample for one request. The negative
     is the request's negative prompt when it has one, else its caption-dropped branch (the official
     unconditional); the image-negative (for image CFG on edits) is the negative without the source media."""
-    branches = lance_model.branches.cfg_branches(inputs)
+    branches = lance_model.tasks.branches.cfg_branches(inputs)
     # without media there is no image branch: the negative stands in (the Lance Edit Guider refuses image CFG)
     positive, negative, image_negative = (conditioning(b) for b in (branches + branches[1:])[:3])
     return positive, negative, empty_latent(pipe, inputs, batch_size), image_negative
@@ -79,7 +79,7 @@ def empty_latent(pipe, inputs, batch_size: int) -> dict:
     samples = torch.zeros(batch_size, pipe.config.constants.latent_channels, grid.frames, grid.height, grid.width)
     if inputs.first_frame is None:
         return {"samples": samples}
-    request = lance_model.request
+    request = lance_model.tasks.request
     first = pipe.vae.denormalize(request.tokens_to_video(inputs.first_frame[None].float(),
                                                          request.LatentGrid(1, grid.height, grid.width)))
     samples[:, :, :1] = first.cpu()

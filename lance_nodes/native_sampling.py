@@ -19,7 +19,7 @@ SCHEDULER = "lance_flow"
 # ---------------------------------------------------------------- schedule
 def lance_flow_sigmas(model_sampling, steps: int) -> torch.Tensor:
     """Lance's t_i (= sigma_i) for the model's shift, exactly: flow_timesteps(steps, shift)."""
-    return lance_model.sampler.flow_timesteps(int(steps), float(model_sampling.shift))
+    return lance_model.tasks.sampler.flow_timesteps(int(steps), float(model_sampling.shift))
 
 
 def register_scheduler() -> None:
@@ -48,15 +48,15 @@ class LanceNoise:
             raise input_error(f"latent_image: shape {tuple(samples.shape)} does not match the Lance conditioning's "
                               f"target {expected}; use the LATENT output of the same Lance Conditioning node")
         indices = input_latent.get("batch_index") or list(range(samples.shape[0]))
-        seeds = lance_model.settings.sample_seeds(self.seed, indices)
-        noise = lance_model.generation.initial_noise(inputs, seeds, samples.shape[1])
-        return lance_model.request.tokens_to_video(noise, grid)
+        seeds = lance_model.tasks.settings.sample_seeds(self.seed, indices)
+        noise = lance_model.tasks.generation.initial_noise(inputs, seeds, samples.shape[1])
+        return lance_model.tasks.request.tokens_to_video(noise, grid)
 
 
 # ---------------------------------------------------------------- guidance
 def guidance_options(scale: float, low: float, high: float, renorm: str, renorm_min: float, image_scale: float = 1.0):
     """The library's GuidanceOptions, validated (its InputError names the input)."""
-    options = lance_model.guidance.GuidanceOptions(float(scale), (float(low), float(high)), renorm, float(renorm_min),
+    options = lance_model.tasks.guidance.GuidanceOptions(float(scale), (float(low), float(high)), renorm, float(renorm_min),
                                                    image_scale=float(image_scale))
     options.validate()
     return options
@@ -65,10 +65,10 @@ def guidance_options(scale: float, low: float, high: float, renorm: str, renorm_
 def guided(cond, uncond, image_uncond, options) -> torch.Tensor:
     """The library's guided velocity (text CFG, image CFG when `image_uncond` is given, renorm) on core's
     [B, C, t, h, w] sigma*v values: the combination is linear and the renorm ratio does not depend on sigma."""
-    request = lance_model.request
+    request = lance_model.tasks.request
     b, _, t, h, w = cond.shape
     tokens = [None if v is None else request.video_to_tokens(v) for v in (cond, uncond, image_uncond)]
-    return request.tokens_to_video(lance_model.guidance.guided_velocity(*tokens, options), request.LatentGrid(t, h, w))
+    return request.tokens_to_video(lance_model.tasks.guidance.guided_velocity(*tokens, options), request.LatentGrid(t, h, w))
 
 
 class GuidedRenorm:

@@ -183,7 +183,7 @@ class LanceLoader(io.ComfyNode):
         """At queue time, on every host: a missing model folder is refused before anything runs (a remote worker
         without it would otherwise fail only when its turn comes, after the master reported success)."""
         try:
-            lance_model.checkpoint.resolve_release(runtime.resolve_model_path(model_name), variant)
+            lance_model.nn.checkpoint.resolve_release(runtime.resolve_model_path(model_name), variant)
         except (errors.CheckpointError, lance_model.CheckpointError) as exc:
             return str(exc)
         return True

@@ -60,7 +60,7 @@ _CACHE_LOCK = threading.Lock()
 # are built on the GPU and ComfyUI's classic patcher manages them (partial loads on small cards); dynamic: built in
 # RAM for ComfyUI's Dynamic VRAM (CoreModelPatcher streams them; elsewhere it loads them to the GPU as memory
 # allows); offload: the library moves each stage to the GPU only while it runs; auto: the library's VRAM plan, the
-# fastest bit-exact placement that fits the card (lance_model/vram_plan.py); stream: both LLM experts streamed from
+# fastest bit-exact placement that fits the card (lance_model/runtime/vram_plan.py); stream: both LLM experts streamed from
 # RAM layer by layer, ViT and VAE visiting while they run
 LOADER_MEMORY_MODES = ("resident", "offload", "dynamic", "auto", "stream")
 LIBRARY_PLACED = ("offload", "auto", "stream")   # the library places the weights itself: no core patcher
@@ -159,7 +159,7 @@ def connect_host(session, patcher) -> None:
     """The session's host hooks. A weak reference to the patcher, so that session -> hook -> patcher -> session is
     no cycle (a dropped model's weights are freed at once, not at the next gc)."""
     keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
-    whole = lance_model.session.SCOPE_ALL
+    whole = lance_model.runtime.session.SCOPE_ALL
 
     def before_call(scope: str) -> None:
         # a call that may run any module first puts the weights back on the device if ComfyUI offloaded them under
@@ -190,7 +190,7 @@ def model_files_fingerprint(name: str, variant: str = "auto") -> str:
     LanceLoader's fingerprint, so that ComfyUI runs the loader again (and it reloads) when a file is replaced,
     even when the loader's output is cached."""
     try:
-        paths = lance_model.checkpoint.resolve_release(resolve_model_path(name), variant)
+        paths = lance_model.nn.checkpoint.resolve_release(resolve_model_path(name), variant)
     except (CheckpointError, lance_model.CheckpointError):
         return "missing"
     return repr(sorted(paths.snapshot().items()))
@@ -233,9 +233,9 @@ def _check_finite_tensor(tensor: torch.Tensor, what: str, kind: str) -> None:
 
 def _check_pixels(frames: torch.Tensor, what: str, kind: str) -> torch.Tensor:
     """What every IMAGE input needs once its layout is right: a frame size Lance accepts, finite values in 0..1."""
-    lance_model.media.check_frame_size(frames.shape[1], frames.shape[2], what)
+    lance_model.io.media.check_frame_size(frames.shape[1], frames.shape[2], what)
     _check_finite_tensor(frames, what, kind)
-    lance_model.validation.require_unit_range(frames, what)
+    lance_model.io.validation.require_unit_range(frames, what)
     return frames[..., :3]
 
 

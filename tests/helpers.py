@@ -46,7 +46,7 @@ class Golden:
     def input_media(self, name: str):
         """The fixture's input media as the reference reads it: a PIL image, or uint8 frames [T, H, W, 3]
         (the frames the reference read, when the manifest lists them)."""
-        from lance_model.media import load_image, load_video
+        from lance_model.io.media import load_image, load_video
 
         path = self.root / next(p for p in self.fixture(name)["inputs"] if not p.endswith(".json"))
         if path.suffix != ".npz":
@@ -166,9 +166,9 @@ def core_wan22_vae(comfy):
 def forced_logits(pipe, media, question: str, instruction: str, answer: list[int]) -> torch.Tensor:
     """[len(answer), vocab] the model's logits at each position of `answer` when it is fed `answer` itself
     (teacher forcing): per-token comparisons, where one early difference cannot change every later token."""
-    from lance_model import prepare
-    from lance_model.llm import UND, prefill_splits
-    from lance_model.understanding import prompt_embeddings
+    from lance_model.tasks import prepare
+    from lance_model.nn.llm import UND, prefill_splits
+    from lance_model.tasks.understanding import prompt_embeddings
 
     session, llm = pipe.session, pipe.llm
     request = prepare.question(session, media, question, instruction=instruction, resolution=None, fps=None,

@@ -75,7 +75,7 @@ def test_bf16_batched_cfg_matches_sequential(cuda_bf16, golden):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cuda_graph_decode_matches_eager(golden, dtype, request):
     pipe = request.getfixturevalue("cuda_fp32" if dtype == "fp32" else "cuda_bf16")
-    from lance_model.understanding import (
+    from lance_model.tasks.understanding import (
         decode,
         prompt_embeddings,
         understanding_sequence,
@@ -91,7 +91,7 @@ def test_cuda_graph_decode_matches_eager(golden, dtype, request):
 
 # ---------------------------------------------------------------- issue #25: every GPU feature once on a GPU
 def greedy_answer(pipe, max_new_tokens: int, cuda_graph: bool):
-    from lance_model.understanding import decode, prompt_embeddings, understanding_sequence
+    from lance_model.tasks.understanding import decode, prompt_embeddings, understanding_sequence
 
     seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
     return decode(pipe.llm, seq, prompt_embeddings(pipe.llm, seq, []), max_new_tokens=max_new_tokens, stop_ids=set(),
@@ -100,7 +100,7 @@ def greedy_answer(pipe, max_new_tokens: int, cuda_graph: bool):
 
 def test_cuda_devices_resolve_with_their_index(cuda_fp32):
     """`device="cuda"` becomes cuda:N, so every memory query (session.check, first act of every task) works."""
-    from lance_model.memory import Estimate
+    from lance_model.runtime.memory import Estimate
 
     assert cuda_fp32.device.index == torch.cuda.current_device()
     cuda_fp32.session.check(Estimate().add("sampling", "KV cache", 1))
@@ -207,7 +207,7 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, see
 def test_cuda_sampled_choice_reads_nothing_back(cuda_bf16):
     """Top-k, top-p and the repetition penalty run on the device: choosing a token never syncs with the host."""
     from lance_model import SamplingOptions
-    from lance_model.decode_step import TokenChooser
+    from lance_model.runtime.decode_step import TokenChooser
 
     vocab, limit = cuda_bf16.config.vocab_size, cuda_bf16.tokenizer.vocab_limit
     chooser = TokenChooser(SamplingOptions(**SAMPLED), limit, vocab, cuda_bf16.device)
@@ -237,8 +237,8 @@ def test_cuda_streamed_decode_ends_at_a_stop_token_inside_a_chunk(cuda_fp32, gol
     first chunk ends ids, logits and text there."""
     import math
 
-    from lance_model.decode_step import DecodeStep
-    from lance_model.understanding import STREAM_CHUNK_TOKENS
+    from lance_model.runtime.decode_step import DecodeStep
+    from lance_model.tasks.understanding import STREAM_CHUNK_TOKENS
 
     reads, read = [], DecodeStep.read
     monkeypatch.setattr(DecodeStep, "read", lambda self, start, stop: reads.append(stop) or read(self, start, stop))
@@ -324,7 +324,7 @@ def test_vae_decode_in_ram_under_a_memory_cap_retries_tiled(cuda_capped, monkeyp
     """A host's partial load left the decoder in RAM (as ComfyUI leaves plain layers that do not fit): it visits the
     GPU for the decode only and counts in the estimate. Capped between the tiled and the untiled decode's peak, the
     untiled decode runs out of memory for real and the tiled retry gives the tiled pixels; the memory is freed."""
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     pipe, device = cuda_capped
     vae, session = pipe.vae, pipe.session
     side = pipe.config.constants.max_latent_size
@@ -357,7 +357,7 @@ def test_decode_out_of_memory_after_sampling_keeps_the_latents_and_frees_memory(
     """Sampling done, the device has nothing left to spare (a cap at what the process holds): the untiled decode
     and its tiled retry run out of memory for real -> DecodeOutOfMemory carrying the sampled latents; what the run
     held is freed, and the pipeline decodes them once memory is back."""
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     from lance_model import DecodeOutOfMemory
     pipe, device = cuda_capped
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)   # no up-front refusal: a real OOM
@@ -404,12 +404,12 @@ def test_cuda_understanding_under_a_partial_load_decodes_eagerly(golden, cuda_fp
     layers = partial.llm.language_model.model.layers
     for layer in layers[: len(layers) // 2 or 1]:
         layer.to("cpu")
-    from lance_model.decode_step import cuda_graphs_usable
+    from lance_model.runtime.decode_step import cuda_graphs_usable
 
     assert not cuda_graphs_usable(partial.llm)
     question = dict(question="What is a cat?", max_new_tokens=8)
     assert partial.understand(None, **question).token_ids == cuda_fp32.understand(None, **question).token_ids
-    with caplog.at_level(logging.WARNING, logger="lance_model.decode_step"):
+    with caplog.at_level(logging.WARNING, logger="lance_model.runtime.decode_step"):
         forced = greedy_answer(partial, 6, cuda_graph=True)
     assert forced.ids == greedy_answer(cuda_fp32, 6, cuda_graph=False).ids
     assert any("capture of the decode step failed" in r.getMessage() for r in caplog.records)
@@ -418,7 +418,7 @@ def test_cuda_understanding_under_a_partial_load_decodes_eagerly(golden, cuda_fp
 def test_decode_out_of_memory_facts_carry_no_library_advice(cuda_capped, monkeypatch):
     """A real CUDA out-of-memory in the decode after sampling: DecodeOutOfMemory.facts names what ran out (the CUDA
     error's first line, untiled and tiled) without load_lance advice, for a host's own wording (the nodes')."""
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     from lance_model import DecodeOutOfMemory
 
     pipe, device = cuda_capped

@@ -1,7 +1,7 @@
 """Stored media encodings: a repeated edit encodes its source once, with results identical to encoding again."""
 import torch
 
-from lance_model.encode_store import EncodeStore
+from lance_model.runtime.encode_store import EncodeStore
 
 SMALL = dict(steps=2, decode=False)
 

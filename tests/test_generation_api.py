@@ -184,7 +184,7 @@ def test_history_text_cannot_become_a_control_token(pipe):
     """An earlier answer holding a reserved token (model text, e.g. a grounding marker) goes into the next prompt
     with the token removed, so it cannot act as a control token; the user's own text with one is refused."""
     from lance_model import Turn
-    from lance_model.prepare import history
+    from lance_model.tasks.prepare import history
 
     token = next(t for t in pipe.tokenizer.reserved_tokens() if t.startswith("<|object_ref"))
     context = LanceContext(pipe.model_id).append(Turn("x2t_image", "where is the cat?", f"on the {token}mat"))
@@ -199,7 +199,7 @@ def test_history_text_cannot_become_a_control_token(pipe):
 def test_long_prompt_prefill_is_cancellable_between_chunks(pipe, monkeypatch):
     """A long causal prompt is prefilled in chunks (llm.PREFILL_CHUNK_TOKENS), each through every layer, so a
     cancel is honoured within one layer of one chunk, not after the whole prompt: count the polls of a prefill."""
-    from lance_model import llm
+    from lance_model.nn import llm
     monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 16)
     prompt = "a red cat sits on a blue chair near the window " * 8
     tokens = len(pipe.prepare_text_to_image(prompt, 64, 64).seq)

@@ -3,7 +3,7 @@ packed inputs, noise, step-0 velocities, final latents and decoded pixels, throu
 import pytest
 import torch
 
-from lance_model.packing import CODE_CAPTION
+from lance_model.tasks.packing import CODE_CAPTION
 from tests.helpers import GEN_TASKS, assert_close, prepare, settings_for
 
 
@@ -81,7 +81,7 @@ def test_parity_packed_inputs(golden, pipe, runs, name):
 def test_parity_noise(golden, pipe, runs, name):
     inputs, _, _ = runs[name]
     fx = golden.tensors(name)
-    from lance_model.generation import initial_noise
+    from lance_model.tasks.generation import initial_noise
 
     noise = initial_noise(inputs, [golden.hyper(name)["validation_noise_seed"]], pipe.config.constants.latent_channels)[0]
     offset = fx["noise/x_T"].shape[0] - inputs.target.tokens
@@ -118,7 +118,7 @@ def test_parity_final_latents_and_pixels(golden, runs, name):
 
 
 def test_parity_timesteps(golden):
-    from lance_model.sampler import flow_timesteps
+    from lance_model.tasks.sampler import flow_timesteps
 
     for name in golden.tasks(*GEN_TASKS):
         hp = golden.hyper(name)
@@ -152,7 +152,7 @@ def test_uncond_branch_drops_exactly_the_caption(pipe, golden, runs):
 
 def test_auto_cfg_batching_matches_both_modes(pipe, golden, monkeypatch):
     """Auto mode picks batched or sequential by size; both give the same latents."""
-    from lance_model import branches
+    from lance_model.tasks import branches
 
     settings = settings_for(golden, "t2i", decode=False)
     inputs = prepare(pipe, golden, "t2i", settings)
@@ -165,7 +165,7 @@ def test_auto_cfg_batching_matches_both_modes(pipe, golden, monkeypatch):
 def test_chunked_prefill_matches_the_fixtures(pipe, golden, monkeypatch):
     """Long prompts are prefilled in chunks (each sees the cache and itself causally): the same attention, so
     with tiny chunks every generation fixture still matches the official latents."""
-    from lance_model import llm
+    from lance_model.nn import llm
     monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 7)
     pipe.prefixes.clear()
     for name in golden.tasks(*GEN_TASKS):

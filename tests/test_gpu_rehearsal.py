@@ -1,7 +1,7 @@
 """Rehearsals of the GPU-only paths on the CPU (`-k rehearsal`; ../shared/design/gpu-rehearsal.md).
 
 The decode step's CUDA graph (warm-up, capture, replay), the streamed weights' copy stream and events, and the
-device and memory queries behind every memory check are written against one seam (lance_model/device_backend.py).
+device and memory queries behind every memory check are written against one seam (lance_model/runtime/device_backend.py).
 Here that seam runs its CPU half, so the real arithmetic, buffers and bookkeeping run; where only CUDA's rules
 matter (which device a stream belongs to, which torch.cuda calls demand an index) CUDA is made to look present
 (tests/fixtures/fake_cuda.py). tests/test_cuda.py settles the same paths on a GPU.
@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from lance_model import OutOfMemory
-from lance_model import decode_step as decode_step_module
-from lance_model.decode_step import DecodeStep, TokenChooser, cuda_graphs_usable, static_weights
-from lance_model.device_backend import CudaBackend, HostBackend
-from lance_model.devices import resolve_device
-from lance_model.memory import Estimate, available_bytes
-from lance_model.streaming import stream_experts
-from lance_model.understanding import SamplingOptions, decode, prompt_embeddings, understanding_sequence
-from lance_model.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, device_budget, working_reserve
-from lance_model.llm import LanceLLM
-from lance_model.loader import pick_plan
+from lance_model.runtime import decode_step as decode_step_module
+from lance_model.runtime.decode_step import DecodeStep, TokenChooser, cuda_graphs_usable, static_weights
+from lance_model.runtime.device_backend import CudaBackend, HostBackend
+from lance_model.runtime.devices import resolve_device
+from lance_model.runtime.memory import Estimate, available_bytes
+from lance_model.runtime.streaming import stream_experts
+from lance_model.tasks.understanding import SamplingOptions, decode, prompt_embeddings, understanding_sequence
+from lance_model.runtime.vram_plan import DEVICE_MARGIN, WeightBytes, candidates, device_budget, working_reserve
+from lance_model.nn.llm import LanceLLM
+from lance_model.runtime.loader import pick_plan
 from tests.fixtures.fake_cuda import GIB, FakeCudaMemory, FakeCudaRuntime
 
 
@@ -84,7 +84,7 @@ def test_rehearsal_capture_leaves_the_step_state_as_it_was(pipe):
     cache = pipe.llm.new_cache(1, prompt + 2)   # the tightest capacity: one step after the first token
     chooser = TokenChooser(SamplingOptions(), pipe.tokenizer.vocab_limit, pipe.config.vocab_size, pipe.llm.device)
     with torch.inference_mode():
-        from lance_model.llm import prefill_splits
+        from lance_model.nn.llm import prefill_splits
         hidden = prefill_splits(pipe.llm, prompt_embeddings(pipe.llm, seq, []), seq.positions, seq.splits,
                                 seq.gen_mask, cache)
         step = DecodeStep(pipe.llm, cache, prompt, prompt, chooser, use_graph=True, backend=HostBackend("cpu"))
@@ -99,7 +99,7 @@ def test_rehearsal_capture_leaves_the_step_state_as_it_was(pipe):
 def test_rehearsal_failed_capture_decodes_eagerly_with_one_log_line(pipe, monkeypatch, caplog):
     failing = CountingBackend(pipe.llm.device, RuntimeError("operation not permitted when stream is capturing"))
     monkeypatch.setattr(decode_step_module, "backend_for", lambda device: failing)
-    with caplog.at_level(logging.WARNING, logger="lance_model.decode_step"):
+    with caplog.at_level(logging.WARNING, logger="lance_model.runtime.decode_step"):
         graphed = greedy(pipe, 6, cuda_graph=True)
     assert graphed.ids == greedy(pipe, 6, cuda_graph=False).ids
     assert [r.getMessage() for r in caplog.records if "capture" in r.getMessage()] == [
@@ -298,7 +298,7 @@ def test_rehearsal_page_lock_registers_in_place_and_unregisters_before_the_memor
     import gc
     from types import SimpleNamespace
 
-    from lance_model.device_backend import PageLock
+    from lance_model.runtime.device_backend import PageLock
 
     calls = []
 

@@ -1,8 +1,8 @@
 """The MoT LLM block forward against the reference's forward_train on a packed sequence with a dense mask."""
 import torch
 
-from lance_model.attention import bottom_right_causal_mask
-from lance_model.llm import Routing
+from lance_model.nn.attention import bottom_right_causal_mask
+from lance_model.nn.llm import Routing
 from tests.helpers import assert_close
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lance_model import CheckpointError, InputError, load_lance
-from lance_model.checkpoint import resolve_release
-from lance_model.config import LLMConfig
-from lance_model.devices import resolve_device, resolve_dtype
-from lance_model.loader import IGNORED_KEYS, llm_expected_keys
+from lance_model.nn.checkpoint import resolve_release
+from lance_model.nn.config import LLMConfig
+from lance_model.runtime.devices import resolve_device, resolve_dtype
+from lance_model.runtime.loader import IGNORED_KEYS, llm_expected_keys
 
 REAL = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
             intermediate_size=11008, vocab_size=151936)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lance_model import media
+from lance_model.io import media
 from lance_model.errors import InputError
 
 REL_TOL = 1e-5

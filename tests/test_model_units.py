@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from lance_model.attention import Attention, bottom_right_causal_mask
-from lance_model.llm import MLP, Routing
-from lance_model.ops import TorchOps
-from lance_model.positions import (GridBlock, MultimodalRotary, Rope, apply_modality_shift, latent_position_embedding,
+from lance_model.nn.attention import Attention, bottom_right_causal_mask
+from lance_model.nn.llm import MLP, Routing
+from lance_model.nn.ops import TorchOps
+from lance_model.nn.positions import (GridBlock, MultimodalRotary, Rope, apply_modality_shift, latent_position_embedding,
                                    rope_index, timestep_sinusoid)
-from lance_model.sampler import flow_timesteps
+from lance_model.tasks.sampler import flow_timesteps
 from tests.helpers import assert_close
 
 
@@ -103,7 +103,7 @@ def test_bottom_right_causal_mask_and_prefix_attention():
 
 
 def test_chunked_mlp_equals_unchunked(monkeypatch):
-    from lance_model.config import LLMConfig
+    from lance_model.nn.config import LLMConfig
 
     cfg = LLMConfig(64, 128, 1, 4, 2, 16, 100, 1e-6, 1e6, (2, 3, 3), 2, 2, None, None)
     mlp = MLP(cfg, TorchOps)
@@ -116,10 +116,10 @@ def test_chunked_mlp_equals_unchunked(monkeypatch):
 @pytest.mark.parametrize("frames, cached", [(1, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 1)])
 @pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((1, 3, 3), (0, 1, 1))])
 def test_zero_skipping_causal_conv_matches_diffusers(frames, cached, kernel, padding):
-    """The VAE's faster causal conv (lance_model/vae_convs.py) equals diffusers' layer for every cache state."""
+    """The VAE's faster causal conv (lance_model/nn/vae_convs.py) equals diffusers' layer for every cache state."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-    from lance_model.vae_convs import ZeroSkippingCausalConv3d, skip_zero_frames
+    from lance_model.nn.vae_convs import ZeroSkippingCausalConv3d, skip_zero_frames
     torch.manual_seed(0)
     plain = WanCausalConv3d(6, 5, kernel, padding=padding)
     fast = WanCausalConv3d(6, 5, kernel, padding=padding)

@@ -116,7 +116,7 @@ def with_recorder(model):
 def test_native_parity_step0_velocities_bit_equal(native, tiny_model, golden, name):
     """Core batches [uncond, cond] in one call; the model runs them cond first with the library's cache layout,
     so step 0's velocities are the library's bit for bit."""
-    from lance_model.request import video_to_tokens
+    from lance_model.tasks.request import video_to_tokens
     if name not in golden.manifest["fixtures"]:
         pytest.fail(f"fixture {name} missing from the golden set")
     pipe, hp = tiny_model.pipe, golden.hyper(name)
@@ -154,7 +154,7 @@ def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
     import comfy.sample
     import nodes as core_nodes
 
-    from lance_model.request import video_to_tokens
+    from lance_model.tasks.request import video_to_tokens
     name = golden.tasks("t2i", *GEN_TASKS)[0]
     pipe, hp = tiny_model.pipe, golden.hyper(name)
     settings = settings_for(golden, name, decode=False)
@@ -175,7 +175,7 @@ def test_native_parity_ksampler_lance_flow(native, tiny_model, golden):
 def test_lance_flow_scheduler_is_exact(native, tiny_model, golden):
     import comfy.samplers
 
-    from lance_model.sampler import flow_timesteps
+    from lance_model.tasks.sampler import flow_timesteps
     model = native.LanceModelNode.execute(tiny_model).args[0]
     for steps in (3, 28, 30):
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "lance_flow", steps)
@@ -431,7 +431,7 @@ def test_native_prefix_rebuilt_per_call_under_hook_patches(native, tiny_model, g
     """With scheduled hook patches the weights may change between steps, so the prefix cache is not kept."""
     import comfy.patcher_extension  # noqa: F401
 
-    from lance_model.branches import Branch
+    from lance_model.tasks.branches import Branch
     from lance_nodes.native_model import COND_KEY, CONDLance
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     base = tiny_model.patcher.model
@@ -629,7 +629,7 @@ def k_proj_lora(tiny_model, seed: int):
 
 
 def test_all_in_one_prefix_reuse_survives_a_lora_run(native, nodes, tiny_model, golden):
-    """The all-in-one nodes keep the last request's prefixes (lance_model/prefix_store.py), keyed on the weight
+    """The all-in-one nodes keep the last request's prefixes (lance_model/runtime/prefix_store.py), keyed on the weight
     patches core has applied: a LoRA run on the shared weights in between changes nothing for them."""
     hp = golden.hyper(golden.tasks("t2i", *GEN_TASKS)[0])
     gen = sampling_widgets(steps=2, seed=42)

@@ -34,7 +34,7 @@ def lib(comfy):
 @pytest.fixture()
 def short_of_memory(comfy, monkeypatch):
     """Every up-front estimate sees 1 KiB available (core is not asked to free anything)."""
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     import lance_nodes.compat as compat
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
     monkeypatch.setattr(compat, "free_memory", lambda *args, **kwargs: None)

@@ -179,7 +179,7 @@ def test_a_request_that_does_not_fit_asks_core_to_free_memory_first(nodes, tiny_
     import comfy.model_management as mm
     calls = []
     monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): calls.append((need, device, keep_loaded)))
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
     with pytest.raises(lib.OutOfMemory, match="offload"):
         t2i(nodes, tiny_model)

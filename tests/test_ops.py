@@ -1,9 +1,9 @@
-"""lance_model/ops.py: the RMSNorm every LLM layer uses, in the user's precision (bf16)."""
+"""lance_model/nn/ops.py: the RMSNorm every LLM layer uses, in the user's precision (bf16)."""
 from __future__ import annotations
 
 import torch
 
-from lance_model.ops import RMSNorm
+from lance_model.nn.ops import RMSNorm
 
 
 def qwen2_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

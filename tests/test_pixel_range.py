@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lance_model import InputError
-from lance_model.media import frames_from_tensor
+from lance_model.io.media import frames_from_tensor
 
 S = 64
 

@@ -1,4 +1,4 @@
-"""Prefix reuse across runs (lance_model/prefix_store.py): the same request again skips its prefill and gives
+"""Prefix reuse across runs (lance_model/runtime/prefix_store.py): the same request again skips its prefill and gives
 bit-identical results; another request, other weights or a new weights version miss; failures clear it."""
 import pytest
 import torch

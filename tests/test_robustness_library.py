@@ -19,18 +19,18 @@ import pytest
 import torch
 
 from lance_model import CheckpointError, InputError, SamplingOptions, load_lance
-from lance_model.config import LLMConfig
+from lance_model.nn.config import LLMConfig
 from lance_model.errors import Cancelled, OutOfMemory
-from lance_model.llm import LanceLLM, MoTDecoderLayer
-from lance_model.memory import (
+from lance_model.nn.llm import LanceLLM, MoTDecoderLayer
+from lance_model.runtime.memory import (
     GIB,
     Estimate,
     forward_activation_bytes,
     kv_cache_bytes,
     vae_decode_bytes,
 )
-from lance_model.ops import TorchOps
-from lance_model.size_check import numel
+from lance_model.nn.ops import TorchOps
+from lance_model.nn.size_check import numel
 
 NAN, INF = math.nan, math.inf
 SMALL = dict(width=64, height=64, steps=2)
@@ -85,7 +85,7 @@ def test_llm_config_field_is_checked_before_building(golden, tmp_path, monkeypat
     root = copy_release(golden, tmp_path / "release")
     edit_json(root / "Lance_3B" / "llm_config.json", {field: value})
     built = []
-    import lance_model.loader as loader
+    import lance_model.runtime.loader as loader
     monkeypatch.setattr(loader, "LanceLLM", lambda cfg, *a, **k: built.append(cfg.num_layers) or LanceLLM(cfg, *a, **k))
     with pytest.raises(CheckpointError, match=message) as error:
         load_lance(root, dtype="fp32", device="cpu")
@@ -138,12 +138,12 @@ SIGBUS_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch
-    import lance_model.checkpoint as checkpoint
+    import lance_model.nn.checkpoint as checkpoint
     from lance_model import load_lance
     root, mapped = Path(sys.argv[1]), sys.argv[2] == "mapped"
     if mapped:  # control run: the old behaviour (weights left as mappings of the files)
         checkpoint.private_copy = lambda source, converted: converted
-        import lance_model.vae as vae
+        import lance_model.nn.vae as vae
         vae.private_copy = checkpoint.private_copy
     pipe = load_lance(root, dtype="fp32", device="cpu")
     before = pipe.text_to_image("a red cat", width=64, height=64, steps=2, seed=1).frames
@@ -436,7 +436,7 @@ def test_decode_latents_values_and_layout(pipe):
 
 
 def test_request_refused_up_front_when_memory_is_short(pipe, monkeypatch):
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     calls = []
     monkeypatch.setattr(memory, "available_bytes", lambda device: calls.append(device) or 1024)  # 1 KiB: below any request
     with pytest.raises(OutOfMemory, match=r"not enough memory on cpu .*needs at least [\d.]+ [KMG]iB .*only 1.00 KiB are "
@@ -605,14 +605,14 @@ def test_decode_raw_latents_checks_before_normalizing(pipe):
 def test_bad_vit_config_is_reported_before_the_llm_weights_are_read(golden, tmp_path, monkeypatch):
     root = copy_release(golden, tmp_path / "release")
     edit_json(root / "Qwen2.5-VL-ViT" / "config.json", {"depth": 8})
-    import lance_model.loader as loader
+    import lance_model.runtime.loader as loader
     monkeypatch.setattr(loader, "load_llm", lambda *a, **k: pytest.fail("LLM weights read before the ViT check"))
     with pytest.raises(CheckpointError, match=r"'depth' is 8"):
         load_lance(root, dtype="fp32", device="cpu")
 
 
 def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     free = {"bytes": 1024}
     asked = []
 
@@ -627,8 +627,8 @@ def test_host_make_room_hook_is_asked_before_refusing(pipe, monkeypatch):
 
 def test_top_p_zero_keeps_only_the_most_likely_token():
     """top_p 0 (the Understand node's widget minimum) is accepted: sampling then always picks the argmax."""
-    from lance_model.decode_step import TokenChooser
-    from lance_model.understanding import SamplingOptions
+    from lance_model.runtime.decode_step import TokenChooser
+    from lance_model.tasks.understanding import SamplingOptions
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0]).view(1, 1, -1)
     options = SamplingOptions(temperature=1.5, top_p=0.0, seed=0)
     options.validate()

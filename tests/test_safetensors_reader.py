@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lance_model.errors import CheckpointError
-from lance_model.safetensors_reader import SafetensorsReader
+from lance_model.nn.safetensors_reader import SafetensorsReader
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lance_model import SamplingOptions
-from lance_model.tokenizer import REPLACEMENT_CHARACTER, TextStream
-from lance_model.understanding import STOP_CHECK_TOKENS, STREAM_CHUNK_TOKENS, DecodeResult
+from lance_model.nn.tokenizer import REPLACEMENT_CHARACTER, TextStream
+from lance_model.tasks.understanding import STOP_CHECK_TOKENS, STREAM_CHUNK_TOKENS, DecodeResult
 from tests.helpers import x2t_request
 
 MULTI_BYTE_TEXT = "😀 a cat 世界 🦜 ñ"
@@ -85,7 +85,7 @@ def test_text_stream_shows_invalid_bytes_after_a_few_ids(pipe):
 @pytest.fixture
 def read_count(monkeypatch):
     """How often the decode loop reads generated ids from the device (each read is a sync on CUDA)."""
-    from lance_model.decode_step import DecodeStep
+    from lance_model.runtime.decode_step import DecodeStep
     count, read = [0], DecodeStep.read
 
     def counting_read(self, start, stop):
@@ -139,7 +139,7 @@ def test_stop_token_inside_a_streamed_chunk_ends_the_answer_there(pipe, golden):
 def stream_fake_answer(pipe, monkeypatch, answer: list[int]) -> tuple[list[str], str]:
     """(the texts streamed, the answer's text) for a decode loop that generates `answer` (text_generation.decode
     replaced: the tiny model's own answers hold no multi-byte character)."""
-    from lance_model import text_generation
+    from lance_model.tasks import text_generation
 
     def fake_decode(llm, seq, embeds, *, on_ids, **_):
         for start in range(0, len(answer), STREAM_CHUNK_TOKENS):
@@ -204,7 +204,7 @@ def reference_draws(options, logits, vocab_limit):
 
 @pytest.mark.parametrize("options", SAMPLING)
 def test_sampled_tokens_are_those_of_the_reference_sampling_code(options):
-    from lance_model.decode_step import TokenChooser
+    from lance_model.runtime.decode_step import TokenChooser
     vocab, vocab_limit = 300, 290
     logits = torch.randn(40, vocab, generator=torch.Generator().manual_seed(5)) * 3
     chooser = TokenChooser(options, vocab_limit, vocab, torch.device("cpu"))
@@ -233,7 +233,7 @@ class SyncingOps(TorchDispatchMode):
 @pytest.mark.parametrize("options", SAMPLING)
 def test_sampling_rehearsal_reads_nothing_back(options):
     """The ops of a sampled choice, recorded on the CPU: none of them would make the host wait for a GPU."""
-    from lance_model.decode_step import TokenChooser
+    from lance_model.runtime.decode_step import TokenChooser
     chooser = TokenChooser(options, 290, 300, torch.device("cpu"))
     with SyncingOps() as ops:
         for _ in range(3):

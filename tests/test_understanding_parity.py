@@ -22,7 +22,7 @@ def answers(pipe, golden):
 
 @pytest.mark.parametrize("name", X2T_TASKS)
 def test_parity_x2t_packed_prompt(pipe, golden, name):
-    from lance_model.understanding import understanding_sequence
+    from lance_model.tasks.understanding import understanding_sequence
 
     fx = golden.tensors(name)
     instruction, question = x2t_request(golden, name)
@@ -53,7 +53,7 @@ def test_x2t_text_is_decoded_ids(pipe, answers):
 
 def test_streaming_callback_sees_growing_text(pipe, golden):
     """on_token gets the text so far once per chunk of STREAM_CHUNK_TOKENS ids, the last time the whole answer."""
-    from lance_model.understanding import STREAM_CHUNK_TOKENS
+    from lance_model.tasks.understanding import STREAM_CHUNK_TOKENS
     seen = []
     instruction, question = x2t_request(golden, "x2t_image")
     result = pipe.understand(golden.input_media("x2t_image"), question, instruction=instruction,
@@ -101,7 +101,7 @@ def test_decode_step_stores_each_token_at_its_slot_only(pipe):
     """The device-side decode step stores the fed token's key/value at the slot tensor's position, leaves the
     prompt's slots alone, and keeps the chosen token in `ids`."""
     from lance_model import SamplingOptions
-    from lance_model.decode_step import DecodeStep, TokenChooser
+    from lance_model.runtime.decode_step import DecodeStep, TokenChooser
 
     cache = pipe.llm.new_cache(1, 8)
     for keys in cache.keys:
@@ -128,7 +128,7 @@ def test_logits_only_when_asked_and_the_same_ids_with_or_without_a_callback(pipe
 
 def test_chunked_prompt_prefill_gives_the_official_answers(pipe, golden, monkeypatch):
     """A prompt prefilled in small chunks (llm.PREFILL_CHUNK_TOKENS) gives the official ids and logits."""
-    from lance_model import llm
+    from lance_model.nn import llm
     monkeypatch.setattr(llm, "PREFILL_CHUNK_TOKENS", 5)
     for name in golden.tasks(*X2T_TASKS):
         hp, fx = golden.hyper(name), golden.tensors(name)

@@ -29,7 +29,7 @@ def core_vae(comfy, tiny_model):
 def tiled_side(vae, tiles: float) -> int:
     """A latent side `tiles` VAE tiles wide: tiled and untiled VAE passes give different pixels above one tile
     (decoder) or two (encoder: it tiles after its 2x2 patchify)."""
-    from lance_model.memory import TILE_SIDE
+    from lance_model.runtime.memory import TILE_SIDE
     return int(TILE_SIDE * tiles) // vae.spatial_factor
 
 
@@ -84,7 +84,7 @@ def test_a_vae_only_call_lets_core_free_this_model_too_then_retries_tiled(core_v
     import comfy.model_management as mm
     import nodes as core_nodes
 
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     from lance_nodes.errors import OutOfMemory
     asked = []
     monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): asked.append((need, list(keep_loaded))))
@@ -225,7 +225,7 @@ def test_rehearsal_vae_weights_a_host_sends_off_to_make_room_are_counted(second_
     """A host making room for a VAE-only call may unload this model, VAE included (core: smallest layers first):
     those weights come back for the decode, so the estimate is checked again with them and the host asked for as
     much more."""
-    import lance_model.memory as memory
+    import lance_model.runtime.memory as memory
     from lance_model import load_lance
     pipe = load_lance(GOLDEN_DIR / "checkpoint", dtype="fp32", device="cpu")
     session = pipe.session

@@ -3,10 +3,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from lance_model import media
-from lance_model.checkpoint import load_torch_state_dict
+from lance_model.io import media
+from lance_model.nn.checkpoint import load_torch_state_dict
 from lance_model.errors import CheckpointError, InputError
-from lance_model.vae import WAN22_LATENT_STATS, LanceVAE, convert_wan_vae_keys, load_vae
+from lance_model.nn.vae import WAN22_LATENT_STATS, LanceVAE, convert_wan_vae_keys, load_vae
 from tests.helpers import assert_close
 
 # where a fixture stores its decoded pixels as float16 the manifest allows 2e-3 instead of 1e-3

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2VLImageProcessor
 
-from lance_model import media
+from lance_model.io import media
 from lance_model.errors import CheckpointError, InputError
-from lance_model.templates import vit_visual
-from lance_model.vit import LanceViT, load_vit, load_vit_config, patchify
+from lance_model.tasks.templates import vit_visual
+from lance_model.nn.vit import LanceViT, load_vit, load_vit_config, patchify
 from tests.helpers import assert_close
 
 

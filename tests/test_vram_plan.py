@@ -1,4 +1,4 @@
-"""Where the weights live (lance_model/vram_plan.py, streaming.py, fp8.py), checked on the CPU:
+"""Where the weights live (lance_model/runtime/vram_plan.py, streaming.py, fp8.py), checked on the CPU:
 
 * streamed weights (`-k stream`) give results bit-identical to resident ones (the same slot machinery that
   copies on a side CUDA stream on a GPU copies synchronously here);
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lance_model import DecodeOutOfMemory, load_lance
-from lance_model.memory import GIB
-from lance_model.vram_plan import DEVICE_MARGIN, VramPlan, WeightBytes, candidates, choose_plan
+from lance_model.runtime.memory import GIB
+from lance_model.runtime.vram_plan import DEVICE_MARGIN, VramPlan, WeightBytes, candidates, choose_plan
 from tests.helpers import forced_logits, x2t_request
 
 STEPS = dict(steps=3, seed=1)
@@ -134,7 +134,7 @@ def test_fp8_streamed_equals_fp8_resident(golden):
 
 
 def test_fp8_storage_halves_the_expert_bytes(golden):
-    from lance_model.fp8 import Fp8Linear, expert_linears
+    from lance_model.nn.fp8 import Fp8Linear, expert_linears
     fp8 = loaded(golden, fp8=("gen",))
     linears = [linear for _, _, linear in expert_linears(fp8.llm, "gen")]
     assert linears and all(isinstance(linear, Fp8Linear) for linear in linears)
@@ -153,7 +153,7 @@ def test_fp8_storage_halves_the_expert_bytes(golden):
 def test_fp8_scale_applied_to_the_product_equals_the_dequantized_weight():
     """linear(x, w8) * scale (no scaled-weight temporary, the scale in fp32) equals linear(x, w8 * scale) within
     fp32 rounding."""
-    from lance_model.fp8 import Fp8Linear
+    from lance_model.nn.fp8 import Fp8Linear
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(256, 96)
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_plan_too_small_names_the_smallest_plan():
 def test_auto_plan_through_load_lance_follows_the_budget(pipe, golden):
     """The tiny model with budgets sized from its own weights: each budget loads the plan choose_plan names and
     results stay within the gate (bit-identical where nothing is quantized)."""
-    from lance_model.vram_plan import working_reserve
+    from lance_model.runtime.vram_plan import working_reserve
     sizes = WeightBytes.of(pipe.llm, pipe.vit.module, pipe.vae.module)
     work = working_reserve(pipe.config, int(pipe.vae.module.config.decoder_base_dim), pipe.dtype)
     reference = pipe.text_to_image("a red cat", **SMALL)
@@ -279,7 +279,8 @@ def test_decode_out_of_memory_keeps_the_sampled_latents(pipe, monkeypatch):
 def test_up_front_check_counts_the_decode_it_can_fall_back_to(pipe, monkeypatch):
     """A generation is refused up front only when even its tiled decode cannot fit: the decode itself falls back to
     tiles when the untiled one does not (the untiled estimate would turn away requests that fit)."""
-    from lance_model import generation, memory
+    from lance_model.tasks import generation
+    from lance_model.runtime import memory
     side = 2 * memory.TILE_SIDE   # larger than a tile
     inputs = pipe.prepare_text_to_image("a red cat", width=side, height=side)
     options = generation.GenerationSettings(steps=2).sampler_options()
