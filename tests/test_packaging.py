@@ -143,3 +143,13 @@ def test_torch_floor_normalizes_half_precision_in_fp32_and_compiles_once():
     compiled denoising step keeps one compilation per layout whatever the prompt length from 2.8 on (2.7.0 and
     2.7.1 compiled 8 times for 5 prompts: tests/test_compiled_step.py). The floor run shows both at the floor."""
     assert Version(_lower_bounds()["torch"]) >= Version("2.8")
+
+
+def test_every_library_wing_is_packaged():
+    """pyproject's package discovery includes each wing (an explicit package list would leave lance_model/nn & co.
+    out of a wheel)."""
+    from setuptools import find_packages
+
+    found = set(find_packages(str(REPO_ROOT), **PYPROJECT["tool"]["setuptools"]["packages"]["find"]))
+    folders = {".".join(path.parent.relative_to(REPO_ROOT).parts) for path in (REPO_ROOT / "lance_model").rglob("*.py")}
+    assert folders <= found and "lance_nodes" in found, sorted(folders - found)
