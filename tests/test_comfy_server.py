@@ -95,8 +95,8 @@ def server_run(host):
             if node["class_type"] == "LanceLoader":
                 node["inputs"]["memory_mode"] = mode
             if node["class_type"] == "SaveImage":
-                node["inputs"]["filename_prefix"] = f"zz_memory_{mode}"
-        (folder / f"zz_memory_{mode}.json").write_text(json.dumps(workflow, indent=1))
+                node["inputs"]["filename_prefix"] = f"x_memory_{mode}"
+        (folder / f"x_memory_{mode}.json").write_text(json.dumps(workflow, indent=1))
     after = tiny(shipped_api_workflows()["t2i"])
     for node in after.values():
         if node["class_type"] == "LanceT2I":
@@ -184,14 +184,14 @@ def test_memory_modes_give_identical_images_and_show_their_plan(server_run):
 
     images = {}
     for mode in MEMORY_MODES:
-        result = server_run["results"].get(f"zz_memory_{mode}")
+        result = server_run["results"].get(f"x_memory_{mode}")
         assert result is not None and result["passed"], result
-        (path,) = sorted(server_run["output_dir"].glob(f"zz_memory_{mode}_*.png"))
+        (path,) = sorted(server_run["output_dir"].glob(f"x_memory_{mode}_*.png"))
         images[mode] = np.asarray(Image.open(path))
-        (plan,) = _ui_texts(server_run["stdout"], f"zz_memory_{mode}", node="LanceLoader")
+        (plan,) = _ui_texts(server_run["stdout"], f"x_memory_{mode}", node="LanceLoader")
         assert plan.startswith(f"memory_mode {mode}:"), plan
     assert all(np.array_equal(images["resident"], image) for image in images.values())
-    assert "generation expert streamed" in _ui_texts(server_run["stdout"], "zz_memory_stream", node="LanceLoader")[0]
+    assert "generation expert streamed" in _ui_texts(server_run["stdout"], "x_memory_stream", node="LanceLoader")[0]
 
 
 @pytest.mark.parametrize("name", sorted(bad_workflows("tiny_copy")))
