@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from .nn.checkpoint import LANCE_FOLDERS
 from .errors import LanceError
 from .io.writers import save_frames
+from .nn.checkpoint import LANCE_FOLDERS
 
 DEFAULT_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "checkpoint"
 

@@ -11,17 +11,17 @@ from typing import Callable
 
 import torch
 
+from .io.validation import require_bool
+from .runtime.loader import load_session
+from .runtime.session import SCOPE_VAE, LanceSession, task
 from .tasks import encoders, generation, prepare, text_generation
 from .tasks.context import LanceContext
 from .tasks.generation import GenerationResult
-from .runtime.loader import load_session
 from .tasks.request import GenerationInputs
 from .tasks.sampler import StepInfo
-from .runtime.session import SCOPE_VAE, LanceSession, task
 from .tasks.settings import GenerationSettings
 from .tasks.text_generation import UnderstandingResult
 from .tasks.understanding import SamplingOptions
-from .io.validation import require_bool
 
 
 class LancePipeline:

@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import read_json
 from ..errors import CheckpointError
 from ..io.validation import is_int
+from .checkpoint import read_json
 
 log = logging.getLogger(__name__)
 

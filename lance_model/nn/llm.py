@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Cancelled, first_line
 from .attention import Attention
 from .config import LLMConfig
-from ..errors import Cancelled, first_line
 from .kv_cache import KVCache
 from .ops import TorchOps, norm_layer
 from .positions import MultimodalRotary, Rope, timestep_sinusoid

@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .checkpoint import state_key_problems
 from ..errors import CheckpointError
+from .checkpoint import state_key_problems
 
 
 def numel(module: torch.nn.Module) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize, private_copy
 from ..errors import CheckpointError, InputError
+from .checkpoint import assert_no_meta, check_state_keys, load_torch_state_dict, materialize, private_copy
 from .module_handle import ModuleHandle
 from .vae_convs import skip_zero_frames
 

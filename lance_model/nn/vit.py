@@ -9,13 +9,17 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, InputError
 from .checkpoint import assert_no_meta, check_state_keys, materialize, read_json, safetensors_keys, stream_safetensors
 from .config import ConfigFields
-from ..errors import CheckpointError, InputError
-from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 from .module_handle import ModuleHandle
-from .qwen_vision import (Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLVisionConfig, merged_embeddings,
-                          vision_rotary)
+from .qwen_vision import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionConfig,
+    merged_embeddings,
+    vision_rotary,
+)
+from .size_check import check_elements, check_layers, file_elements, layer_count, numel
 
 VIT_CONFIG_FILE = "config.json"
 VIT_WEIGHTS_FILE = "vit.safetensors"

@@ -14,12 +14,12 @@ import logging
 import torch
 from torch import nn
 
-from .device_backend import HostBackend, backend_for
-from .devices import indexed
 from ..errors import first_line
 from ..nn.kv_cache import KVCache
 from ..nn.llm import UND, LanceLLM
 from ..nn.positions import Rope
+from .device_backend import HostBackend, backend_for
+from .devices import indexed
 
 log = logging.getLogger(__name__)
 

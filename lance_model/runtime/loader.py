@@ -8,24 +8,39 @@ from pathlib import Path
 
 import torch
 
-from ..nn.attention import Attention
-from ..nn.checkpoint import (ReleasePaths, assert_no_meta, check_state_keys, materialize, resolve_release,
-                         safetensors_keys, stream_safetensors)
-from ..nn.config import LLMConfig
-from .devices import resolve_device, resolve_dtype
 from ..errors import InputError
+from ..io.validation import require_bool, require_int
+from ..nn.attention import Attention
+from ..nn.checkpoint import (
+    ReleasePaths,
+    assert_no_meta,
+    check_state_keys,
+    materialize,
+    resolve_release,
+    safetensors_keys,
+    stream_safetensors,
+)
+from ..nn.config import LLMConfig
 from ..nn.fp8 import EXPERTS
 from ..nn.llm import LanceLLM, MoTDecoderLayer
-from .memory import readable
 from ..nn.ops import TorchOps
-from .session import MEMORY_MODES, LanceSession
 from ..nn.size_check import check_elements, check_layers, file_elements, layer_count, numel
-from .streaming import LayerStreamer
 from ..nn.tokenizer import LanceTokenizer
-from ..io.validation import require_bool, require_int
 from ..nn.vae import load_vae
 from ..nn.vit import check_vit_files, load_vit
-from .vram_plan import RESERVE_IMAGE_SIDE, VramPlan, WeightBytes, apply_plan, choose_plan, device_budget, working_reserve
+from .devices import resolve_device, resolve_dtype
+from .memory import readable
+from .session import MEMORY_MODES, LanceSession
+from .streaming import LayerStreamer
+from .vram_plan import (
+    RESERVE_IMAGE_SIDE,
+    VramPlan,
+    WeightBytes,
+    apply_plan,
+    choose_plan,
+    device_budget,
+    working_reserve,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import OutOfMemory
 from ..nn.config import LLMConfig
 from .devices import indexed
-from ..errors import OutOfMemory
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30

@@ -21,19 +21,19 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from ..nn.checkpoint import ReleasePaths
-from .device_backend import backend_for
-from .devices import indexed
-from .encode_store import EncodeStore
 from ..errors import OutOfMemory, first_line
-from .interrupt import cancel_hooks
+from ..nn.checkpoint import ReleasePaths
 from ..nn.llm import LanceLLM
-from .memory import HINT, Estimate
-from .prefix_store import PrefixStore
-from .streaming import LayerStreamer
 from ..nn.tokenizer import LanceTokenizer
 from ..nn.vae import LanceVAE
 from ..nn.vit import LanceViT
+from .device_backend import backend_for
+from .devices import indexed
+from .encode_store import EncodeStore
+from .interrupt import cancel_hooks
+from .memory import HINT, Estimate
+from .prefix_store import PrefixStore
+from .streaming import LayerStreamer
 from .vram_plan import VramPlan
 
 log = logging.getLogger(__name__)

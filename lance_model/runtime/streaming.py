@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .device_backend import HostBackend, backend_for
 from ..nn.llm import Routing
+from .device_backend import HostBackend, backend_for
 
 ALIGN = 256   # bytes: every tensor of a slab starts at a multiple of this (any dtype's alignment; DMA-friendly)
 

@@ -26,8 +26,15 @@ from torch import nn
 
 from ..errors import OutOfMemory
 from ..nn.fp8 import store_experts_in_fp8
-from .memory import (GIB, available_bytes, forward_activation_bytes, kv_cache_bytes, module_bytes, readable,
-                     vae_decode_bytes)
+from .memory import (
+    GIB,
+    available_bytes,
+    forward_activation_bytes,
+    kv_cache_bytes,
+    module_bytes,
+    readable,
+    vae_decode_bytes,
+)
 from .streaming import LayerStreamer, stream_experts
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
-from ..nn.config import LLMConfig
 from ..errors import InputError
+from ..nn.config import LLMConfig
 from ..nn.kv_cache import KVCache
 from ..nn.llm import BlockLayout, CacheSlot, LanceLLM, Routing, prefill_splits, visual_block_routing
-from .packing import CAPTION_CODES, MEDIA_CODES, drop_codes, has_media
 from ..nn.positions import Rope, latent_position_embedding
 from ..runtime.prefix_store import PrefixStore
+from .packing import CAPTION_CODES, MEDIA_CODES, drop_codes, has_media
 from .request import GenerationInputs, LatentGrid
 
 BRANCH_ORDER = ("cond", "uncond", "image_uncond")   # row order of the branches in the cache

@@ -8,9 +8,9 @@ import torch
 
 from ..errors import InputError
 from ..io.media import check_frame_size
+from ..io.validation import require_finite_tensor, require_unit_range
 from ..runtime.memory import Estimate, vae_encode_bytes
 from ..runtime.session import LanceSession
-from ..io.validation import require_finite_tensor, require_unit_range
 
 
 def condition_latent(session: LanceSession, pixels: torch.Tensor, *, seed: int = 0, sampling: str = "mean",

@@ -6,15 +6,15 @@ from typing import Callable
 
 import torch
 
+from ..errors import DecodeOutOfMemory, InputError
+from ..io.validation import require_callable, require_finite_tensor
+from ..runtime.memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
+from ..runtime.session import LanceSession
 from .branches import BranchEngine
 from .context import LanceContext, Turn
-from ..errors import DecodeOutOfMemory, InputError
-from ..runtime.memory import Estimate, forward_activation_bytes, kv_cache_bytes, vae_decode_bytes
 from .request import GenerationInputs, LatentGrid, tokens_to_video
 from .sampler import FlowSampler, SamplerOptions, StepInfo
-from ..runtime.session import LanceSession
 from .settings import MAX_BATCH, GenerationSettings
-from ..io.validation import require_callable, require_finite_tensor
 
 
 @dataclass

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..nn.config import LLMConfig
 from ..errors import InputError
+from ..nn.config import LLMConfig
 from ..nn.positions import GridBlock, apply_modality_shift, rope_index
-from .templates import Text, Visual, render
 from ..nn.tokenizer import LanceTokenizer
+from .templates import Text, Visual, render
 
 CODE_TEMPLATE, CODE_CAPTION, CODE_TARGET, CODE_SOURCE, CODE_VIT = -1, 0, 1, 2, 4
 ROLE_CODE = {"target": CODE_TARGET, "source": CODE_SOURCE, "vit": CODE_VIT}

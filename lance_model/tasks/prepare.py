@@ -9,19 +9,27 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .context import LanceContext
-from .encoders import condition_latent, vit_embeddings
 from ..errors import InputError
 from ..io.inputs import as_frames, latent_frames, optional_text, require_text, round_size
 from ..io.media import preset_sides, vae_pixels, vit_pixels
+from ..io.validation import require_bool, require_callable, require_choice
+from ..runtime.session import LanceSession
+from .context import LanceContext
+from .encoders import condition_latent, vit_embeddings
 from .packing import PackedSequence, pack
 from .request import GenerationInputs, LatentGrid, video_to_tokens
-from ..runtime.session import LanceSession
 from .settings import GenerationSettings, check_context
-from .templates import IMAGE_QUESTION_SYSTEM, T2I_SYSTEM, T2V_SYSTEM, VIDEO_QUESTION_SYSTEM, Text, Visual, \
-    edit_system, vit_visual
+from .templates import (
+    IMAGE_QUESTION_SYSTEM,
+    T2I_SYSTEM,
+    T2V_SYSTEM,
+    VIDEO_QUESTION_SYSTEM,
+    Text,
+    Visual,
+    edit_system,
+    vit_visual,
+)
 from .understanding import understanding_sequence
-from ..io.validation import require_bool, require_callable, require_choice
 
 log = logging.getLogger(__name__)
 ENHANCE_INSTRUCTION = (

@@ -7,11 +7,11 @@ from typing import Callable
 
 import torch
 
-from .branches import BranchEngine, cfg_branches
 from ..errors import Cancelled
+from ..io.validation import require_bool, require_float, require_int
+from .branches import BranchEngine, cfg_branches
 from .guidance import GuidanceOptions, guided_velocity
 from .request import GenerationInputs
-from ..io.validation import require_bool, require_float, require_int
 
 MAX_STEPS = 1000
 

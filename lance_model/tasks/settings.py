@@ -6,11 +6,11 @@ from typing import Callable
 
 import torch
 
-from .context import LanceContext
 from ..errors import InputError
+from ..io.validation import SEED_MAX, require_bool, require_callable, require_choice, require_int, require_seed
+from .context import LanceContext
 from .guidance import GuidanceOptions
 from .sampler import SamplerOptions
-from ..io.validation import SEED_MAX, require_bool, require_callable, require_choice, require_int, require_seed
 
 MAX_BATCH = 64
 

@@ -6,16 +6,16 @@ from typing import Callable
 
 import torch
 
-from .context import LanceContext, Turn
 from ..errors import InputError
 from ..io.inputs import unit_frames
+from ..io.validation import require_bool, require_callable, require_int
+from ..nn.tokenizer import TextStream
 from ..runtime.memory import Estimate, forward_activation_bytes, kv_cache_bytes
+from ..runtime.session import LanceSession
+from .context import LanceContext, Turn
 from .packing import PackedSequence
 from .prepare import TextRequest
-from ..runtime.session import LanceSession
-from ..nn.tokenizer import TextStream
 from .understanding import SamplingOptions, decode, prompt_embeddings
-from ..io.validation import require_bool, require_callable, require_int
 
 MAX_NEW_TOKENS = 16384   # the KV cache is preallocated for prompt + max_new_tokens
 

@@ -6,14 +6,14 @@ from typing import Callable
 
 import torch
 
-from ..nn.config import LLMConfig
-from ..runtime.decode_step import DecodeStep, TokenChooser, cuda_graphs_usable
 from ..errors import Cancelled, InputError
+from ..io.validation import require_float, require_int, require_seed
+from ..nn.config import LLMConfig
 from ..nn.llm import LanceLLM, prefill_splits
+from ..nn.tokenizer import LanceTokenizer
+from ..runtime.decode_step import DecodeStep, TokenChooser, cuda_graphs_usable
 from .packing import PackedSequence, pack
 from .templates import Text, vit_visual
-from ..io.validation import require_float, require_int, require_seed
-from ..nn.tokenizer import LanceTokenizer
 
 
 @dataclass(frozen=True)

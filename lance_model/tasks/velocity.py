@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .branches import Branch, BranchEngine, with_first_frame
 from ..errors import InputError
+from .branches import Branch, BranchEngine, with_first_frame
 
 
 def host_velocity(engine: BranchEngine, x: torch.Tensor, t: torch.Tensor, branches: list[Branch],
