@@ -419,7 +419,7 @@ def speed_part(run: "Run") -> None:
     if not skipped("profile", skip):
         found, _ = attempt("profile", lambda: profile(pipe, scale, device), device)
         report.set("profile", found)
-    del pipe
+    pipe = None   # dropped here, not at the end of the function
     if run.compiled:
         torch._dynamo.reset()   # compiled code holds the model: the budgets part must find the device empty
     release_memory(device)

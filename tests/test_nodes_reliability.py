@@ -5,7 +5,6 @@ import gc
 import logging
 import os
 import shutil
-import re
 import threading
 
 import pytest

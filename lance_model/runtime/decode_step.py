@@ -160,13 +160,10 @@ def static_weights(module: nn.Module, device: torch.device) -> bool:
     """True when every weight and buffer of `module` already sits on `device` and no host casts it per call: the
     precondition of replaying a captured graph over it."""
     device = indexed(device)
-    for sub in module.modules():
-        if hasattr(sub, HOST_BUFFER_MARKER) or any(getattr(sub, name, None) for name in HOST_CAST_MARKERS):
-            return False
-        for tensor in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)):
-            if tensor.device != device:
-                return False
-    return True
+    if any(hasattr(sub, HOST_BUFFER_MARKER) or any(getattr(sub, name, None) for name in HOST_CAST_MARKERS)
+           for sub in module.modules()):
+        return False
+    return all(tensor.device == device for tensor in (*module.parameters(), *module.buffers()))
 
 
 def cuda_graphs_usable(llm: LanceLLM) -> bool:

@@ -29,9 +29,9 @@ MEMINFO = Path("/proc/meminfo")
 DECODER_BYTES_PER_PIXEL_PER_WIDTH = 3    # x decoder_base_dim x dtype bytes, per pixel of each frame one call makes
 ENCODER_BYTES_PER_PIXEL_PER_WIDTH = 6    # x base_dim x dtype bytes, per input pixel of one frame
 TILE_SIDE = 256                          # enable_tiling's default tile (vae.py)
-HINT = ("load the model with memory='auto' (a VRAM plan: fp8 and streamed weights) or memory='offload' (weights "
-        "stay in CPU memory between stages), turn on vae_tiling, or ask for a smaller width/height, fewer frames, a "
-        "smaller batch_size or fewer max_new_tokens")
+HINT = ("load the model with memory='auto' (a VRAM plan: ViT and VAE staged, experts streamed) or memory='offload' "
+        "(weights stay in CPU memory between stages), turn on vae_tiling, or ask for a smaller width/height, fewer "
+        "frames, a smaller batch_size or fewer max_new_tokens")
 
 
 def available_bytes(device: torch.device) -> int | None:
