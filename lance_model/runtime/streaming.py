@@ -47,8 +47,7 @@ class SlabLayout:
         """The parameters' tensors inside `buffer` (uint8 [nbytes])."""
         views = []
         for offset, shape, dtype in self.entries:
-            size = shape.numel() * torch.empty((), dtype=dtype).element_size()
-            views.append(buffer[offset:offset + size].view(dtype).view(shape))
+            views.append(buffer[offset:offset + shape.numel() * dtype.itemsize].view(dtype).view(shape))
         return views
 
 
@@ -138,7 +137,6 @@ class LayerStreamer:
         """`experts[name][i]`: the modules of expert `name` ("und"/"gen") in decoder layer i."""
         self.layers = layers
         self.backend = backend or backend_for(device)
-        self.device = self.backend.device
         slot_count = min(ahead + 1, len(layers))
         self.experts = {name: ExpertStream(name, groups, self.backend, slot_count) for name, groups in experts.items()}
         self.copy_stream = self.backend.side_stream()
