@@ -16,7 +16,9 @@ and in a decode step, counted eagerly on the CPU with the tiny checkpoint). `--c
 budgets: the release's weights per group and the plan each card size picks (arithmetic), then per budget a fresh
 placement of the random model by the VRAM plan (memory="auto"), under an allocator cap of that size
 (torch.cuda.set_per_process_memory_fraction, so one large GPU measures every card size), with one run of each
-task (t2i, a 121-frame t2v with one guided step and its decode, an x2t answer about an image).
+task (t2i, a 121-frame t2v with one guided step and its decode, an x2t answer about an image), then the swap
+ComfyUI makes when another model needs the room: the bytes Lance's patcher reports against those freed, and the
+seconds to offload the plan and to place it again.
 
 Every row and task runs in its own try: a failure prints its first line and a short traceback, the rest still
 runs. `--skip a,b` skips the rows, tasks and sections (machine, profile, ops, plans) whose names start with one of
@@ -55,7 +57,7 @@ from lance_model.nn.checkpoint import load_torch_state_dict, resolve_release  # 
 from lance_model.nn.config import LLMConfig  # noqa: E402
 from lance_model.errors import first_line  # noqa: E402
 from lance_model.nn.llm import LanceLLM  # noqa: E402
-from lance_model.runtime.loader import place  # noqa: E402
+from lance_model.runtime.loader import prepare_plan  # noqa: E402
 from lance_model.runtime.memory import GIB, readable  # noqa: E402
 from lance_model.runtime.session import LanceSession  # noqa: E402
 from lance_model.nn.tokenizer import LanceTokenizer  # noqa: E402
@@ -173,17 +175,20 @@ def random_weights(release: bool, dtype: torch.dtype, device: torch.device) -> W
 
 def pipeline(weights: Weights, device: torch.device, memory: str = "resident",
              budget: int | None = None) -> LancePipeline:
-    """A pipeline over these modules (placed in place): all on the device (resident), or placed by loader.place
-    (auto: the VRAM plan for `budget`; stream; the modules must be in host memory)."""
+    """A pipeline over these modules (placed in place): all on the device (resident), or placed by a VRAM plan
+    (loader.prepare_plan, then the session places the weights; auto: the plan for `budget`; stream; the modules
+    must be in host memory)."""
     paths = resolve_release(GOLDEN / "checkpoint")
     tokenizer = LanceTokenizer(paths.lance_dir, weights.llm.config)
     plan = streamer = None
     if memory == "resident":
         weights.to(device)
     else:
-        plan, streamer = place(memory, weights.llm, weights.vit, weights.vae, device, budget, ())
-    return LancePipeline(LanceSession(paths, weights.llm, tokenizer, weights.vit, weights.vae, memory, device, {},
-                                      plan, streamer))
+        plan, streamer = prepare_plan(memory, weights.llm, weights.vit, weights.vae, device, budget, ())
+    session = LanceSession(paths, weights.llm, tokenizer, weights.vit, weights.vae, memory, device, {}, plan,
+                           streamer, weights_placed=plan is None)
+    session.place_weights()
+    return LancePipeline(session)
 
 
 def compute_device(smoke: bool) -> torch.device:
@@ -501,6 +506,24 @@ def one_budget(host: Weights, limit: int, run: "Run", entry: dict) -> None:
             report.save()
             if not error:
                 print(f"  {name:42} {took:8.2f} s   peak {shown(task_entry)}", flush=True)
+        if not skipped("swap", run.skip):
+            attempt("swap", lambda: swap(pipe, device, entry), device)
+            report.save()
+
+
+def swap(pipe: LancePipeline, device: torch.device, entry: dict) -> None:
+    """ComfyUI unloading Lance for another model and loading it again (its patcher offloads and places the plan):
+    the bytes the patcher reports against the bytes freed, and the seconds each way."""
+    session = pipe.session
+    session.release_scratch()   # the stores aside: the patcher reports weights and slots
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    entry["reported_bytes"] = session.device_bytes()
+    entry["offload_s"] = seconds(session.offload_weights, device)
+    entry["freed_bytes"] = before - torch.cuda.memory_allocated(device) if before is not None else None
+    entry["replace_s"] = seconds(session.place_weights, device)
+    freed = f", {readable(entry['freed_bytes'])} freed" if entry["freed_bytes"] is not None else ""
+    print(f"  swap: {readable(entry['reported_bytes'])} reported{freed}; offload {entry['offload_s']:.2f} s, "
+          f"place again {entry['replace_s']:.2f} s", flush=True)
 
 
 def seconds_and_result(task, device: torch.device) -> tuple[float, object]:
@@ -524,7 +547,8 @@ def budgets_part(run: "Run") -> None:
     for limit in budget_limits(host, run.gib, run.smoke):
         entry = report.append("budgets", {"budget_bytes": limit, "budget": readable(limit), "plan": None,
                                            "place_s": None, "allocated_before_bytes": None, "placed_bytes": None,
-                                           "tasks": [], "error": None})
+                                           "tasks": [], "reported_bytes": None, "freed_bytes": None,
+                                           "offload_s": None, "replace_s": None, "error": None})
         _, entry["error"] = attempt(f"budget {readable(limit)}", lambda: one_budget(host, limit, run, entry), device)
         report.save()
         release_memory(device)   # the next budget measures its own placement only

@@ -176,7 +176,7 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
                device: str | torch.device = "auto", attention: str = "auto", operations=None,
                memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-               fp8: tuple[str, ...] = (), compile: bool = False) -> LancePipeline:
+               fp8: tuple[str, ...] = (), compile: bool = False, defer_placement: bool = False) -> LancePipeline:
     """Load a Lance release folder. dtype auto = bf16 on CUDA, fp32 on CPU.
 
     memory: "resident" (every weight on the device), "offload" (weights in CPU memory; each stage - ViT, LLM,
@@ -191,8 +191,10 @@ def load_lance(root: str | Path, *, variant: str = "auto", dtype: str | torch.dt
     vit_model.* tensors of model.safetensors). vae_tiling: spatially tiled VAE encode/decode (less memory,
     pixels differ slightly from untiled; off as in the reference). compile: denoising steps run their decoder
     stack through torch.compile (one compilation per request layout; off by default until measured on a GPU;
-    falls back to eager with one log line where compilation is unavailable)."""
+    falls back to eager with one log line where compilation is unavailable). defer_placement (stream, auto, fp8):
+    the weights a plan keeps on the device go there at the first call that needs them, not during the load (a
+    host that makes room on the device first); `pipe.session.offload_weights()` takes them off again."""
     return LancePipeline(load_session(root, variant=variant, dtype=dtype, device=device, attention=attention,
                                       operations=operations, memory=memory, vit_weights=vit_weights,
                                       vae_tiling=vae_tiling, weights_device=weights_device, vram_budget=vram_budget,
-                                      fp8=fp8, compile=compile))
+                                      fp8=fp8, compile=compile, defer_placement=defer_placement))

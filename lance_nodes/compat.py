@@ -199,6 +199,12 @@ def load_to_device(patcher, full: bool) -> None:
     mm.load_models_gpu([patcher], force_full_load=full)
 
 
+def reclaimable_bytes(device: torch.device) -> int:
+    """Device bytes core can free on `device` by unloading the models it holds there."""
+    return sum(entry.model_loaded_memory() for entry in mm.current_loaded_models
+               if entry.device == device and entry.model is not None)
+
+
 def free_memory(num_bytes: int, device: torch.device, keep=None) -> None:
     """Ask core to move other models off `device` until `num_bytes` are free (keeping `keep`, a patcher)."""
     mm.free_memory(num_bytes, device, keep_loaded=[mm.LoadedModel(keep)] if keep is not None else [])

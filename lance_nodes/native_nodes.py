@@ -19,6 +19,7 @@ from .native_model import conditioning, is_lance_patcher, request_of
 from .native_sampling import LanceNoise, apply_guidance, edit_guider, guidance_options, lance_flow_sigmas, \
     register_scheduler
 from .native_vae import LanceCoreVAE
+from .placed_patcher import is_placed_patcher
 from .nodes import CATEGORY, CFG_RENORM, IMAGE_RESOLUTIONS, MAX_FRAMES, MAX_SIZE, SEED_MAX, SIZE_STEP, \
     VIDEO_RESOLUTIONS, LanceModelType
 
@@ -31,7 +32,7 @@ register_scheduler()
 def native_patcher(model) -> object:
     """The loaded release's one ModelPatcher, as a core MODEL."""
     model = runtime.check_model(model)
-    if model.patcher is None:
+    if is_placed_patcher(model.patcher):
         raise input_error(f"model: the native (core MODEL) path needs memory_mode 'resident' or 'dynamic' on the "
                           f"Lance Loader; {model.memory_mode!r} places the weights itself, which ComfyUI's sampler "
                           f"memory management does not expect. ComfyUI still offloads a resident model under memory "

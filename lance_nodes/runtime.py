@@ -17,6 +17,7 @@ from . import compat, errors
 from .errors import FP8_MEMORY_MODES, CheckpointError, input_error
 from .library import lance_model
 from .native_model import make_patcher  # one patcher for the all-in-one nodes and the core MODEL output
+from .placed_patcher import placed_patcher
 
 log = logging.getLogger("lance_nodes")
 
@@ -63,7 +64,7 @@ _CACHE_LOCK = threading.Lock()
 # fastest bit-exact placement that fits the card (lance_model/runtime/vram_plan.py); stream: both LLM experts streamed from
 # RAM layer by layer, ViT and VAE visiting while they run
 LOADER_MEMORY_MODES = ("resident", "offload", "dynamic", "auto", "stream")
-LIBRARY_PLACED = ("offload", "auto", "stream")   # the library places the weights itself: no core patcher
+LIBRARY_PLACED = ("offload", "auto", "stream")   # the library places the weights itself (placed_patcher.py)
 # the loader's weight_dtype, as core's UNETLoader names it -> the experts stored in fp8 (only where the library
 # places the weights: auto, stream)
 WEIGHT_DTYPES = {"default": (), "fp8_e4m3fn": ("und",), "fp8_e4m3fn (both experts)": ("und", "gen")}
@@ -124,25 +125,38 @@ def _load(name, path, variant, dtype, attention, memory_mode, weight_dtype) -> L
     # The library runs on ComfyUI's torch device. resident/dynamic: layers come from comfy.ops.manual_cast, so when
     # ComfyUI frees memory and later reloads the model partially (low VRAM), the rest stays usable; ComfyUI's one
     # patcher manages the weights. offload/auto/stream: the library places them itself (stage by stage, or by its
-    # VRAM plan), with plain torch layers (fp8 storage replaces them), and no core patcher moves them.
+    # VRAM plan), with plain torch layers (fp8 storage replaces them); core sees their device bytes through a
+    # patcher that places or offloads the plan whole when core loads or unloads it, and never moves them itself.
     places_itself = memory_mode in LIBRARY_PLACED
     weights = compat.weight_device() if memory_mode == "dynamic" else None
 
     def build():
-        return lance_model.load_lance(path, variant=variant, dtype=dtype, device=str(compat.load_device()),
-                                      attention=attention,
+        device = compat.load_device()
+        return lance_model.load_lance(path, variant=variant, dtype=dtype, device=str(device), attention=attention,
                                       operations=None if places_itself else compat.manual_cast_ops(),
                                       memory=memory_mode if places_itself else "resident", weights_device=weights,
-                                      fp8=WEIGHT_DTYPES[weight_dtype])
+                                      fp8=WEIGHT_DTYPES[weight_dtype],
+                                      vram_budget=plan_budget(device) if memory_mode == "auto" else None,
+                                      # core makes room for them when the first Lance node runs
+                                      defer_placement=places_itself)
 
     pipe = build()
     if pipe.plan is not None:
         log.info("Lance weight plan (memory_mode %s): %s", memory_mode, pipe.plan.describe())
     # core rebuilds a private copy through `build` when it needs one (another GPU, a non-dynamic clone)
-    patcher = None if places_itself else make_patcher(pipe, reload=build)
+    patcher = placed_patcher(pipe.session, compat.load_device(), torch.device("cpu")) if places_itself \
+        else make_patcher(pipe, reload=build)
     connect_host(pipe.session, patcher)
     return LoadedLance(name=name, path=path, variant=variant, dtype=dtype, attention=attention,
                        memory_mode=memory_mode, pipe=pipe, patcher=patcher, weight_dtype=weight_dtype)
+
+
+def plan_budget(device) -> int | None:
+    """The budget of memory_mode auto's plan: what the device can give now plus what core can free by unloading
+    the other models it holds there (it does when Lance first runs), so that the plan does not depend on which
+    models an earlier prompt left loaded. None off CUDA (no plan needed)."""
+    budget = lance_model.runtime.vram_plan.device_budget(device)
+    return None if budget is None else budget + compat.reclaimable_bytes(device)
 
 
 def plan_text(model: LoadedLance) -> str:
@@ -158,7 +172,7 @@ def plan_text(model: LoadedLance) -> str:
 def connect_host(session, patcher) -> None:
     """The session's host hooks. A weak reference to the patcher, so that session -> hook -> patcher -> session is
     no cycle (a dropped model's weights are freed at once, not at the next gc)."""
-    keep = weakref.ref(patcher) if patcher is not None else (lambda: None)
+    keep = weakref.ref(patcher)
     whole = lance_model.runtime.session.SCOPE_ALL
 
     def before_call(scope: str) -> None:
@@ -174,8 +188,7 @@ def connect_host(session, patcher) -> None:
         # when only its VAE runs (a decode is not refused for the sake of an LLM it does not use)
         compat.free_memory(num_bytes, device, keep=keep() if scope == whole else None)
 
-    if patcher is not None:
-        session.before_call = before_call
+    session.before_call = before_call
     session.make_room = make_room
     # prefixes and encodings kept across runs must not outlive a LoRA clone patching the shared weights in place
     session.weights_version = lambda: compat.applied_patches(keep())

@@ -5,6 +5,7 @@ import gc
 import sys
 
 import pytest
+import torch
 
 from tests.fixtures import comfy_env
 from tests.fixtures.paths import GOLDEN_DIR
@@ -26,6 +27,15 @@ def pipe(golden):
     from lance_model import load_lance
 
     return load_lance(golden.checkpoint, dtype="fp32", device="cpu", attention="sdpa")
+
+
+@pytest.fixture(scope="session")
+def second_device() -> torch.device:
+    """A second device for the placement rehearsals: torch's lazy tensors (TorchScript backend, values kept on the
+    CPU) stand in for the GPU, the CPU for the RAM. The backend can be initialised once per process."""
+    lazy = pytest.importorskip("torch._lazy.ts_backend")
+    lazy.init()
+    return torch.device("lazy", 0)
 
 
 @pytest.hookimpl(hookwrapper=True)

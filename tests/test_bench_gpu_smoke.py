@@ -16,7 +16,8 @@ from bench import bench_gpu, common
 from tests.fixtures.paths import REPO_ROOT
 
 ROW_KEYS = {"figure", "value", "unit", "goal", "floor", "ratio", "peak_bytes", "peak_reserved_bytes", "took_s", "error"}
-BUDGET_KEYS = {"budget_bytes", "budget", "plan", "place_s", "allocated_before_bytes", "placed_bytes", "tasks", "error"}
+BUDGET_KEYS = {"budget_bytes", "budget", "plan", "place_s", "allocated_before_bytes", "placed_bytes", "tasks",
+               "reported_bytes", "freed_bytes", "offload_s", "replace_s", "error"}
 TASK_KEYS = {"task", "seconds", "peak_bytes", "peak_reserved_bytes", "error"}
 
 
@@ -50,6 +51,8 @@ def check_budgets(lines: list[str], report: dict) -> None:
         for task in budget["tasks"]:
             assert TASK_KEYS <= set(task) and task["error"] is None and task["seconds"] > 0, task
         assert budget["tasks"][-1]["tokens"] > 0   # the x2t answer
+        assert budget["reported_bytes"] > 0 and budget["offload_s"] >= 0 and budget["replace_s"] >= 0
+    assert sum(line.startswith("  swap: ") for line in lines) == len(report["budgets"])
 
 
 # `all` runs the speed part and then the budgets part in one process; `budgets` alone shows that part needs

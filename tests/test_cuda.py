@@ -143,6 +143,34 @@ def test_cuda_stream_equals_resident(golden, cuda_fp32):
     assert all(slab.is_pinned() for stream in streamer.experts.values() for slab in stream.slabs)   # in place
 
 
+@pytest.mark.parametrize("memory", ["stream", "auto"])
+def test_cuda_offload_frees_what_the_plan_placed_and_the_next_call_places_it_again(golden, memory):
+    """What a host sees of a library-placed model (ComfyUI's patcher sizes it by device_bytes): placement deferred
+    to the first call; offload_weights frees at least the reported bytes (the allocator rounds each block up to
+    512 bytes, so at most that much more per tensor); the next call places them again with the same result."""
+    import gc
+
+    from lance_model import load_lance
+
+    pipe = load_lance(golden.checkpoint, dtype="bf16", device="cuda", memory=memory, defer_placement=True)
+    session, device = pipe.session, pipe.session.device
+    assert session.device_bytes() == 0 and not any(p.is_cuda for p in pipe.llm.parameters())
+    options = dict(width=64, height=64, steps=3, seed=1)
+    before = pipe.text_to_image("a red cat", **options)
+    session.release_scratch()   # the stores' tensors aside: only weights and slots are counted
+    placed = session.device_bytes()
+    assert placed == session.device_bytes(planned=True) > 0
+    allocated = torch.cuda.memory_allocated(device)
+    session.offload_weights()
+    gc.collect()
+    freed = allocated - torch.cuda.memory_allocated(device)
+    tensors = sum(1 for module in session.placed_modules() for _ in [*module.parameters(recurse=False),
+                                                                      *module.buffers(recurse=False)])
+    assert placed <= freed <= placed + 512 * (tensors + 8), (placed, freed)
+    again = pipe.text_to_image("a red cat", **options)
+    assert session.weights_placed and torch.equal(again.latents, before.latents)
+
+
 def test_cuda_stream_slabs_are_unlocked_when_the_model_goes(golden):
     """The page-locked host slabs are registered in place (cudaHostRegister) and unregistered when the model is
     dropped: host memory of an unloaded model goes back to the system."""

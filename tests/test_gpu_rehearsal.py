@@ -228,6 +228,7 @@ def test_rehearsal_streamed_layers_wait_for_their_copy_and_copies_wait_for_the_c
     llm = copy.deepcopy(pipe.llm)
     backend = RecordingBackend(llm.device)
     streamer = stream_experts(llm, ("und", "gen"), llm.device, backend=backend)
+    streamer.allocate_slots(llm.device)
     for name, stream in streamer.experts.items():
         def logged(method, tag, name=name, stream=stream):
             def call(layer, *args):
@@ -281,6 +282,7 @@ def test_rehearsal_streamed_equals_resident_whatever_the_layer_count(pipe, layer
     resident = llm_with_layers(pipe, layers)
     streamed = copy.deepcopy(resident)
     streamer = stream_experts(streamed, ("und", "gen"), streamed.device, ahead)
+    streamer.allocate_slots(streamed.device)
     seq = understanding_sequence(pipe.tokenizer, pipe.config, "Describe.", "a red cat", None)
 
     def answer(llm):

@@ -12,6 +12,12 @@ SMALL = dict(prompt="a red cat", width=64, height=64, **sampling_widgets(steps=2
 
 
 @pytest.fixture(scope="module")
+def is_placed_patcher(comfy):
+    from lance_nodes.placed_patcher import is_placed_patcher as check
+    return check
+
+
+@pytest.fixture(scope="module")
 def errors(comfy):
     from lance_nodes import errors as module
     return module
@@ -22,14 +28,78 @@ def load(nodes, memory_mode, weight_dtype="default"):
 
 
 @pytest.mark.parametrize("memory_mode", ["auto", "stream"])
-def test_library_placed_modes_equal_resident_and_show_their_plan(nodes, tiny_model, memory_mode):
+def test_library_placed_modes_equal_resident_and_show_their_plan(nodes, tiny_model, is_placed_patcher, memory_mode):
     out = load(nodes, memory_mode)
     (model,) = out.args
-    assert model.patcher is None and model.pipe.plan is not None   # no core patcher moves these weights
+    assert is_placed_patcher(model.patcher) and model.pipe.plan is not None   # core sees them, never moves them
     assert out.ui.value.startswith(f"memory_mode {memory_mode}: ") and model.pipe.plan.describe() in out.ui.value
     ours = nodes.LanceT2I.execute(model, **SMALL).args[0]["samples"]
     reference = nodes.LanceT2I.execute(tiny_model, **SMALL).args[0]["samples"]
     assert torch.equal(ours, reference)
+
+
+def loaded_entry(patcher):
+    """Core's entry for `patcher` in its list of loaded models, or None."""
+    import comfy.model_management as mm
+    return next((entry for entry in mm.current_loaded_models if entry.model is patcher), None)
+
+
+@pytest.mark.parametrize("memory_mode", ["auto", "stream", "offload"])
+def test_core_sees_the_plans_device_bytes_and_unloads_them_for_other_models(nodes, tiny_model, memory_mode):
+    """Core's memory manager sees a library-placed model through its patcher: loaded by a Lance run, sized as the
+    bytes the plan keeps on the device (none in offload mode), kept while Lance itself asks for room, unloaded whole
+    when core frees memory for another model (the weights leave the device), loaded again by the next Lance run
+    with the same result."""
+    import comfy.model_management as mm
+    (model,) = load(nodes, memory_mode).args
+    patcher, session = model.patcher, model.pipe.session
+    assert loaded_entry(patcher) is None and patcher.loaded_size() == 0   # placed when Lance first runs
+    first = nodes.LanceT2I.execute(model, **SMALL).args[0]["samples"]
+    entry = loaded_entry(patcher)
+    assert entry is not None and entry.model_loaded_memory() == entry.model_memory()
+    assert patcher.model_size() == session.device_bytes(planned=True) == session.device_bytes()
+    assert (patcher.model_size() > 0) == (memory_mode != "offload")
+    others = [other for other in mm.current_loaded_models if other is not entry]
+    mm.free_memory(1e30, patcher.load_device, keep_loaded=others + [entry])
+    assert loaded_entry(patcher) is entry and session.weights_placed
+    mm.free_memory(1e30, patcher.load_device, keep_loaded=others)
+    assert loaded_entry(patcher) is None and not session.weights_placed and patcher.loaded_size() == 0
+    assert patcher.current_loaded_device() == patcher.offload_device
+    again = nodes.LanceT2I.execute(model, **SMALL).args[0]["samples"]
+    assert loaded_entry(patcher) is not None and session.weights_placed and torch.equal(again, first)
+
+
+def test_auto_plans_with_the_memory_core_can_free(nodes, models_dir, monkeypatch):
+    """memory_mode auto's budget is what the device can give plus what the models core holds there would free:
+    a card that other models fill still gets the plan Lance would get alone (core unloads them when Lance runs)."""
+    from lance_model.runtime import vram_plan
+    from lance_nodes import compat, runtime
+    (alone,) = load(nodes, "stream").args
+    session = alone.pipe.session
+    sizes = vram_plan.WeightBytes.of(session.llm, session.vit_module, session.vae_module)
+    work = vram_plan.working_reserve(session.config, int(session.vae_module.config.decoder_base_dim), session.dtype)
+    resident_plan, staged_plan = vram_plan.candidates()[:2]
+    resident, staged = (sizes.device_bytes(plan) + work for plan in (resident_plan, staged_plan))
+    monkeypatch.setattr(vram_plan, "device_budget", lambda device: staged)
+
+    def auto_plan(reclaimable: int):
+        monkeypatch.setattr(compat, "reclaimable_bytes", lambda device: reclaimable)
+        return runtime._load("tiny", alone.path, "auto", "auto", "auto", "auto", "default").pipe.plan
+    assert auto_plan(0) == staged_plan and auto_plan(resident - staged) == resident_plan
+
+
+def test_a_placed_model_is_not_core_managed(nodes, models_dir):
+    """Core's generic walks over a placed model's patcher see no weights (they are the library's to move), and a
+    clone being freed leaves them where they are."""
+    import gc
+    (model,) = load(nodes, "stream").args
+    patcher = model.patcher
+    assert patcher.model.state_dict() == {} and patcher.session is model.pipe.session
+    patcher.partially_load(patcher.load_device)
+    assert model.pipe.session.weights_placed
+    patcher.clone()
+    gc.collect()
+    assert model.pipe.session.weights_placed
 
 
 def test_resident_shows_that_comfyui_manages_the_weights(nodes, tiny_model):

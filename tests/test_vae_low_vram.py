@@ -151,13 +151,6 @@ def test_core_vae_encode_out_of_memory_retries_tiled(core_vae, tiny_model, pixel
 
 
 # ---------------------------------------------------------------- rehearsals: weights core's partial load left in RAM
-@pytest.fixture(scope="session")
-def second_device() -> torch.device:
-    lazy = pytest.importorskip("torch._lazy.ts_backend")
-    lazy.init()
-    return torch.device("lazy", 0)
-
-
 def placement(module: torch.nn.Module) -> dict:
     return {name: tensor.device for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
 

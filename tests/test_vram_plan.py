@@ -248,6 +248,112 @@ def test_bad_memory_options_name_the_option(golden):
         loaded(golden, vram_budget=8 * GIB)
 
 
+# ---------------------------------------------------------------- a host takes the placed weights off the device
+PLACEMENTS = ["resident", "staged", "und streamed", "both streamed", "stream", "offload"]
+
+
+def load_placement(golden, which: str, monkeypatch, **options):
+    """The tiny model placed as `which` says: each auto candidate (forced: with two layers, streaming one saves the
+    tiny model nothing, so no budget would pick it), stream, offload."""
+    if which in ("stream", "offload"):
+        return loaded(golden, memory=which, **options)
+    from lance_model.runtime import loader
+    plan = candidates()[PLACEMENTS.index(which)]
+    monkeypatch.setattr(loader, "choose_plan", lambda *args: plan)
+    placed = loaded(golden, memory="auto", vram_budget=GIB, **options)
+    assert placed.plan == plan
+    return placed
+
+
+def expected_on_device(pipe) -> set[str]:
+    """Names of the tensors the plan keeps on the device, from its definition: the LLM's but the streamed experts'
+    (none in offload mode), the ViT's and VAE's unless they visit as stages."""
+    session, plan = pipe.session, pipe.plan
+    names = set()
+    if session.memory != "offload":
+        layers = pipe.llm.language_model.model.layers
+        streamed = {id(t) for expert in (plan.stream if plan else ()) for layer in layers
+                    for module in layer.expert_modules(expert == "gen") for t in [*module.parameters(),
+                                                                                   *module.buffers()]}
+        names |= {f"llm.{name}" for name, t in [*pipe.llm.named_parameters(), *pipe.llm.named_buffers()]
+                  if id(t) not in streamed}
+    if session.memory != "offload" and not (plan and plan.stages):
+        names |= {f"{key}.{name}" for key, module in (("vit", session.vit_module), ("vae", session.vae_module))
+                  for name, _ in [*module.named_parameters(), *module.named_buffers()]}
+    return names
+
+
+def on_device(pipe, device) -> dict[str, torch.Tensor]:
+    session = pipe.session
+    return {f"{key}.{name}": t for key, module in (("llm", pipe.llm), ("vit", session.vit_module),
+                                                  ("vae", session.vae_module))
+            for name, t in [*module.named_parameters(), *module.named_buffers()] if t.device == device}
+
+
+@pytest.mark.parametrize("which", PLACEMENTS)
+def test_rehearsal_offload_and_place_move_exactly_the_plans_weights(golden, second_device, which, monkeypatch):
+    """A host unloading a library-placed model (ComfyUI freeing the GPU for another model) and loading it again: the
+    weights the plan keeps on the device - and only they, the streamed experts staying in their host slabs - go to
+    host memory with the stream slots, and come back; the bytes reported are the bytes there. Torch's lazy device
+    (its values kept on the CPU) stands in for the GPU."""
+    placed = load_placement(golden, which, monkeypatch)
+    session, streamer = placed.session, placed.session.streamer
+    session.offload_weights()
+    session.device = second_device
+    session.place_weights()
+    there = on_device(placed, second_device)
+    assert set(there) == expected_on_device(placed)
+    slots = streamer.slot_bytes if streamer else 0
+    assert slots == (streamer.planned_slot_bytes if streamer else 0)
+    assert all(slot.device == second_device for stream in (streamer.experts.values() if streamer else ())
+               for slot in stream.slots)
+    weights = sum(t.numel() * t.element_size() for t in there.values())
+    assert session.device_bytes() == session.device_bytes(planned=True) == weights + slots
+    assert (weights > 0) == (which != "offload")
+    session.offload_weights()
+    assert on_device(placed, second_device) == {} and session.device_bytes() == 0
+    assert (streamer.slot_bytes if streamer else 0) == 0
+    assert session.device_bytes(planned=True) == weights + slots
+
+
+def test_rehearsal_placement_out_of_memory_leaves_nothing_on_the_device(pipe, golden, second_device, monkeypatch):
+    """The device runs out of memory while the weights are being placed (their slots come last): what got there goes
+    back to host memory, the call says so as an OutOfMemory, and the next call places them."""
+    from lance_model import OutOfMemory
+    placed = loaded(golden, memory="stream", defer_placement=True)
+    session, streamer = placed.session, placed.session.streamer
+    session.device = second_device
+
+    def no_room(device):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(streamer, "allocate_slots", no_room)
+    with pytest.raises(OutOfMemory, match="still loaded and usable"):
+        placed.text_to_image("a red cat", **SMALL)
+    assert on_device(placed, second_device) == {} and not session.weights_placed and session.device_bytes() == 0
+    monkeypatch.undo()
+    session.place_weights()
+    assert set(on_device(placed, second_device)) == expected_on_device(placed)
+
+
+@pytest.mark.parametrize("which", ["resident", "und streamed", "stream", "offload"])
+def test_offloaded_weights_come_back_for_the_next_call_bit_for_bit(golden, which, monkeypatch):
+    """After offload_weights the next call that runs the LLM places the weights again by itself (a host need not)
+    and gives the same results; a VAE-only call leaves them off the device."""
+    placed = load_placement(golden, which, monkeypatch)
+    session = placed.session
+    before = placed.text_to_image("a red cat", **SMALL)
+    answer = placed.understand(None, "What is a cat?", max_new_tokens=4).token_ids
+    session.offload_weights()
+    assert not session.weights_placed and session.device_bytes() == 0
+    placed.decode_latents(before.latents)
+    assert not session.weights_placed
+    again = placed.text_to_image("a red cat", **SMALL)
+    assert session.weights_placed and session.device_bytes() == session.device_bytes(planned=True)
+    assert torch.equal(again.latents, before.latents) and torch.equal(again.frames, before.frames)
+    session.offload_weights()
+    assert placed.understand(None, "What is a cat?", max_new_tokens=4).token_ids == answer
+
+
 # ---------------------------------------------------------------- no sampled work is lost to a decode
 def test_decode_out_of_memory_retries_tiled(pipe, monkeypatch):
     calls = []

@@ -101,7 +101,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
                  device: str | torch.device = "auto", attention: str = "auto", operations=None,
                  memory: str = "resident", vit_weights: str = "vit", vae_tiling: bool = False,
                  weights_device: str | torch.device | None = None, vram_budget: int | None = None,
-                 fp8: tuple[str, ...] = (), compile: bool = False) -> LanceSession:
+                 fp8: tuple[str, ...] = (), compile: bool = False, defer_placement: bool = False) -> LanceSession:
     """See pipeline.load_lance."""
     if not isinstance(root, (str, Path)):
         raise InputError(f"root must be the path of a Lance release folder (a str or pathlib.Path), got "
@@ -134,7 +134,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     vit = load_vit(paths.vit_config.parent, dtype, load_device, lance_weights=lance_vit, checked=vit_files)
     if vit.out_hidden_size != llm.config.hidden_size:
         raise InputError(f"ViT output width {vit.out_hidden_size} does not match the LLM hidden size {llm.config.hidden_size}")
-    plan, streamer = place(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8)) \
+    plan, streamer = prepare_plan(memory, llm, vit, vae, execution_device, vram_budget, tuple(fp8)) \
         if planned else (None, None)
     if require_bool(compile, "compile") and streamer is not None:
         log.info("compile: not with streamed weights (they move per layer); denoising steps run eagerly")
@@ -143,7 +143,12 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
     log.info("Lance loaded from %s (%s, %s, %s, attention=%s, memory=%s, ViT weights from %s)", paths.root,
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
-    return LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer)
+    # a plan's weights were loaded into host memory: the session puts on the device what the plan keeps there
+    session = LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer,
+                           weights_placed=not planned)
+    if not require_bool(defer_placement, "defer_placement"):
+        session.place_weights()
+    return session
 
 
 def check_memory_options(memory, vit_weights, vram_budget, fp8) -> None:
@@ -162,15 +167,13 @@ def check_memory_options(memory, vit_weights, vram_budget, fp8) -> None:
         raise InputError("fp8 weights need memory 'resident', 'stream' or 'auto' (offload moves whole stages)")
 
 
-def place(memory: str, llm, vit, vae, device: torch.device, budget: int | None,
-          fp8: tuple[str, ...]) -> tuple[VramPlan, LayerStreamer | None]:
-    """Modules loaded in host memory -> placed by a VRAM plan (pick_plan): the LLM's experts streamed or on the
-    device (in fp8 where asked), the ViT and VAE on the device or left in host memory to visit as stages."""
+def prepare_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None,
+                 fp8: tuple[str, ...]) -> tuple[VramPlan, LayerStreamer | None]:
+    """Modules loaded in host memory -> a VRAM plan (pick_plan) with its experts stored in fp8 where asked and its
+    streamed experts packed into host slabs; the session places the rest (LanceSession.place_weights): the LLM's
+    other weights on the device, the ViT and VAE there too or left in host memory to visit as stages."""
     plan = pick_plan(memory, llm, vit, vae, device, budget, fp8)
-    streamer = apply_plan(llm, plan, device)
-    for module in (vit.module, vae.module):
-        module.to("cpu" if plan.stages else device)
-    return plan, streamer
+    return plan, apply_plan(llm, plan, device)
 
 
 def pick_plan(memory: str, llm, vit, vae, device: torch.device, budget: int | None,

@@ -6,7 +6,9 @@ host's hook told what the call needs, and a torch out-of-memory error turned int
 held is freed), brings a module's weights that are off the device there while its stage runs and sends them back
 afterwards (offload mode; the ViT and VAE under a VRAM plan that stages them, or left in host memory by a host),
 streams the LLM layers a plan streams, polls `cancel` inside long stages, checks memory estimates before work
-starts and retries a VAE stage tiled when it runs out of memory.
+starts and retries a VAE stage tiled when it runs out of memory. Where the library places the weights (a plan,
+offload mode) a host can take what it keeps on the device off it between calls and learn its size
+(offload_weights, device_bytes); the next call that needs them places them again.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .interrupt import cancel_hooks
 from .memory import HINT, Estimate
 from .prefix_store import PrefixStore
 from .streaming import LayerStreamer
-from .vram_plan import VramPlan
+from .vram_plan import VramPlan, move_weights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,7 +52,7 @@ MEMORY_MODES = ("resident", "offload", "stream", "auto")
 class LanceSession(nn.Module):
     def __init__(self, paths: ReleasePaths, llm: LanceLLM, tokenizer: LanceTokenizer, vit: LanceViT, vae: LanceVAE,
                  memory: str, execution_device: torch.device, file_state: dict, plan: VramPlan | None = None,
-                 streamer: LayerStreamer | None = None):
+                 streamer: LayerStreamer | None = None, weights_placed: bool = True):
         super().__init__()
         self.lock = threading.RLock()
         self.call_depth = 0   # nested task calls (the host's before_call runs before the outermost one)
@@ -75,6 +77,8 @@ class LanceSession(nn.Module):
         # its weights stay where ComfyUI's casting layers or the plan's streamer expect them)
         self.visitors = {id(vit.module), id(vae.module)} | ({id(llm)} if memory == "offload" else set())
         self.evicted: set[int] = set()   # modules sent to the CPU by a memory fallback, back when they next run
+        # what the library keeps on the device is there (False: in host memory until place_weights)
+        self.weights_placed = weights_placed
         self.device = indexed(execution_device)   # cuda:N: streams, caches and memory queries belong to one GPU
         self.backend = backend_for(self.device)
         llm.execution_device = self.device
@@ -116,9 +120,10 @@ class LanceSession(nn.Module):
 
     def free_for_fallback(self) -> None:
         """Before a memory fallback: the VAE's frame cache, unreferenced tensors and cached blocks go back to the
-        device, and a resident LLM that no host manages leaves the device (it comes back when it next runs)."""
+        device, and a resident LLM placed by the library (not by a host) leaves the device (it comes back when it
+        next runs)."""
         self.vae_module.clear_cache()
-        if self.before_call is None and id(self.llm) not in self.visitors and self.streamer is None \
+        if self.places_weights and id(self.llm) not in self.visitors and self.streamer is None \
                 and self.device.type != "cpu" and on_device(self.llm, self.device):
             self.llm.to("cpu")
             self.evicted.add(id(self.llm))
@@ -157,6 +162,71 @@ class LanceSession(nn.Module):
         self.encodings.clear()
         gc.collect()
         self.backend.empty_cache()
+
+    # -- where the weights are between calls -------------------------------------------------------------
+    @property
+    def places_weights(self) -> bool:
+        """Whether the library decides where the weights are: always with a plan or in offload mode; in resident
+        mode only when no host hooks in (ComfyUI's patcher manages a resident model's weights, layer by layer)."""
+        return self.memory != "resident" or self.plan is not None or self.before_call is None
+
+    def placed_modules(self) -> list[nn.Module]:
+        """Every module whose own weights the library keeps on the device between calls: the LLM's unless offload
+        mode stages it (a plan's streamed experts aside: they live in host slabs), the ViT's and VAE's unless they
+        visit as stages."""
+        staged = self.memory == "offload" or (self.plan is not None and self.plan.stages)
+        trees = ([] if self.memory == "offload" else [self.llm]) + \
+            ([] if staged else [self.vit_module, self.vae_module])
+        return [module for tree in trees for module in tree.modules()]
+
+    def device_bytes(self, planned: bool = False) -> int:
+        """Bytes the library keeps on the device between calls (weights and stream slots): those there now (0 while
+        offloaded), or (`planned`) those that placing the weights puts there."""
+        if not planned and not self.weights_placed:
+            return 0
+        streamed = self._streamed()
+        tensors = {id(tensor): tensor for module in self.placed_modules() for tensor in own_tensors(module)
+                   if id(tensor) not in streamed and (planned or tensor.device == self.device)}
+        slots = 0 if self.streamer is None else \
+            self.streamer.planned_slot_bytes if planned else self.streamer.slot_bytes
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) + slots
+
+    def offload_weights(self) -> None:
+        """Take what the library keeps on the device off it: the placed weights go to host memory, the stream slots
+        and the stores (device tensors) are dropped. A host does this to give the memory to another model; the next
+        call that runs the LLM or the ViT places the weights again (place_weights). Only for a session that
+        places its weights (places_weights)."""
+        with self.lock:
+            if not self.weights_placed:
+                return
+            self.weights_placed = False
+            self._to_host()
+            self.release_scratch()
+
+    def place_weights(self) -> None:
+        """Put on the device what the library keeps there (after offload_weights or a deferred placement; a
+        resident LLM that a memory fallback evicted comes back with it). When the device runs out of memory on the
+        way, what got there goes back to host memory before the error propagates."""
+        with self.lock:
+            if self.weights_placed:
+                return
+            try:
+                move_weights(self.placed_modules(), self.device, self._streamed())
+                if self.streamer is not None:
+                    self.streamer.allocate_slots(self.device)
+            except BaseException:
+                self._to_host()
+                raise
+            self.evicted.clear()
+            self.weights_placed = True
+
+    def _to_host(self) -> None:
+        move_weights(self.placed_modules(), torch.device("cpu"), self._streamed())
+        if self.streamer is not None:
+            self.streamer.free_slots()
+
+    def _streamed(self) -> set[int]:
+        return self.streamer.param_ids() if self.streamer is not None else set()
 
     # -- stages -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -230,6 +300,8 @@ def task(method=None, *, scope: str = SCOPE_ALL):
                     session.scope = scope
                     if session.before_call is not None:
                         session.before_call(scope)
+                    if scope == SCOPE_ALL:
+                        session.place_weights()   # after a host offloaded them (when it did not place them again)
                 return method(self, *args, **kwargs)
             except torch.OutOfMemoryError as exc:
                 detail = first_line(exc, "out of memory")

@@ -10,9 +10,10 @@ Device side: every layer's group has the same layout, so per streamed expert `ah
 that layout) serve all layers. A layer's pre-hook looks at the block's routing and brings only the experts it runs
 (an understanding answer never copies the generation expert), one copy per expert; while layer i runs, layers
 i+1 .. i+ahead are copied into the other slots on a side CUDA stream (an event per slot orders each copy after the
-compute that last read the slot, and the compute after its copy); nothing is allocated per layer. On the CPU the
-same machinery copies synchronously (device_backend.py), which is what the tests run: streamed results equal
-resident ones bit for bit.
+compute that last read the slot, and the compute after its copy); nothing is allocated per layer. The slots exist
+while the weights are placed (allocate_slots / free_slots: a host that offloads the model gets their memory back).
+On the CPU the same machinery copies synchronously (device_backend.py), which is what the tests run: streamed
+results equal resident ones bit for bit.
 """
 from __future__ import annotations
 
@@ -74,19 +75,31 @@ class ExpertStream:
         # page-locked in place (CUDA); each handle unlocks its slab when the slab is freed
         self.pinned = [backend.register(slab) for slab in self.slabs]
         self.host = [self.layout.views(slab) for slab in self.slabs]
-        self.slots = [torch.empty(self.layout.nbytes, dtype=torch.uint8, device=backend.device)
-                      for _ in range(slot_count)]
-        self.slot_views = [self.layout.views(slot) for slot in self.slots]
+        self.slot_count = slot_count
+        self.slots, self.slot_views = [], []   # allocated when the weights are placed (allocate_slots)
+        self.reset()
         self.copied_bytes = 0
+
+    def allocate_slots(self, device: torch.device) -> None:
+        """The device slots (again, after free_slots)."""
+        if not self.slots:
+            self.slots = [torch.empty(self.layout.nbytes, dtype=torch.uint8, device=device)
+                          for _ in range(self.slot_count)]
+            self.slot_views = [self.layout.views(slot) for slot in self.slots]
+        self.reset()
+
+    def free_slots(self) -> None:
+        """Give the device slots back (between runs: the parameters point at the host slabs then)."""
+        self.slots, self.slot_views = [], []
         self.reset()
 
     def reset(self) -> None:
-        self.loaded = [None] * len(self.slots)     # which layer each slot holds
-        self.copied = [None] * len(self.slots)     # events: the slot's copy finished
-        self.released = [None] * len(self.slots)   # events: the last compute reading the slot finished
+        self.loaded = [None] * self.slot_count     # which layer each slot holds
+        self.copied = [None] * self.slot_count     # events: the slot's copy finished
+        self.released = [None] * self.slot_count   # events: the last compute reading the slot finished
 
     def slot_of(self, layer: int) -> int:
-        return layer % len(self.slots)
+        return layer % self.slot_count
 
     def copy(self, layer: int, copy_stream) -> None:
         """Fill the layer's slot on the copy stream, after the compute that last read the slot."""
@@ -144,8 +157,25 @@ class LayerStreamer:
 
     @property
     def slot_bytes(self) -> int:
-        """Device bytes of the slots."""
+        """Device bytes of the slots allocated now."""
         return sum(slot.numel() for stream in self.experts.values() for slot in stream.slots)
+
+    @property
+    def planned_slot_bytes(self) -> int:
+        """Device bytes of the slots when they are allocated."""
+        return sum(stream.layout.nbytes * stream.slot_count for stream in self.experts.values())
+
+    def param_ids(self) -> set[int]:
+        """The streamed parameters (between runs they point at the host slabs; they never move whole)."""
+        return {id(param) for stream in self.experts.values() for params in stream.params for param in params}
+
+    def allocate_slots(self, device: torch.device) -> None:
+        for stream in self.experts.values():
+            stream.allocate_slots(device)
+
+    def free_slots(self) -> None:
+        for stream in self.experts.values():
+            stream.free_slots()
 
     @property
     def host_bytes(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -135,18 +136,29 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def apply_plan(llm: nn.Module, plan: VramPlan, device: torch.device) -> LayerStreamer | None:
-    """Store the plan's experts in fp8, stream its streamed experts from host memory, and move every other LLM
-    weight and buffer to `device` (the streamed ones never visit it whole)."""
+    """Store the plan's experts in fp8 (quantized on `device`) and pack its streamed experts into host slabs, for
+    a streamer to `device` (the streamed weights never visit it whole). Placing the other weights is the session's
+    (move_weights)."""
     if plan.fp8:
         log.warning("Lance: storing the %s expert(s) in fp8 as asked: %s", " and ".join(plan.fp8), FP8_WARNING)
         store_experts_in_fp8(llm, plan.fp8, device)
-    streamer = stream_experts(llm, plan.stream, device, STREAM_AHEAD) if plan.stream else None
-    streamed = {id(p) for stream in streamer.experts.values() for params in stream.params for p in params} \
-        if streamer else set()
-    for module in llm.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in streamed:
-                param.data = param.data.to(device)
+    return stream_experts(llm, plan.stream, device, STREAM_AHEAD) if plan.stream else None
+
+
+def move_weights(modules: Iterable[nn.Module], device: torch.device, skip: set[int] = frozenset()) -> None:
+    """Move each module's own parameters and buffers to `device`, but the tensors whose id is in `skip` (streamed
+    ones). A parameter keeps its identity (its data is rebound), so a streamer or a compiled step holding it stays
+    valid; only where torch cannot rebind (a device with tensors of another kind: lazy, XLA) it is replaced, as
+    Module.to does there."""
+    for module in modules:
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in skip:
+                continue
+            moved = param.data.to(device)
+            if torch._has_compatible_shallow_copy_type(param.data, moved):
+                param.data = moved
+            else:
+                module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
         for name, buffer in module.named_buffers(recurse=False):
-            module._buffers[name] = buffer.to(device)
-    return streamer
+            if id(buffer) not in skip:
+                module._buffers[name] = buffer.to(device)
