@@ -102,6 +102,27 @@ def test_a_placed_model_is_not_core_managed(nodes, models_dir):
     assert model.pipe.session.weights_placed
 
 
+def test_a_dropped_placed_model_is_freed_at_once(nodes, tiny_model):
+    """No reference cycle through the patcher: a placed model no graph holds is freed without the garbage collector
+    (its device and host memory at once), and core's list keeps no dead entry."""
+    import gc
+    import weakref
+
+    import comfy.model_management as mm
+    (model,) = load(nodes, "stream").args
+    nodes.LanceT2I.execute(model, **SMALL)
+    session = weakref.ref(model.pipe.session)
+    load(nodes, "resident")   # the last used model is another one
+    gc.disable()
+    try:
+        del model
+        assert session() is None
+    finally:
+        gc.enable()
+    mm.cleanup_models()
+    assert not [entry for entry in mm.current_loaded_models if entry.is_dead()]
+
+
 def test_resident_shows_that_comfyui_manages_the_weights(nodes, tiny_model):
     out = load(nodes, "resident")
     assert out.ui.value == "memory_mode resident: ComfyUI manages the weights (partial loads on small cards)"
