@@ -167,7 +167,8 @@ class LanceLoader(io.ComfyNode):
                                        "fits your card, the same pixels as resident (16 GB: ViT and VAE visit the "
                                        "GPU; 12 GB: the understanding expert streams from RAM; 8 GB: both experts "
                                        "stream). stream: both experts always stream from RAM (smallest GPU use, "
-                                       "slowest). The plan chosen is shown on this node."),
+                                       "slowest). The plan chosen is shown on this node. In every mode ComfyUI "
+                                       "unloads Lance when another model needs the room."),
                 io.Combo.Input("weight_dtype", display_name="Weight dtype", options=list(runtime.WEIGHT_DTYPES),
                                default="default", optional=True,   # appended: saved workflows lack it
                                tooltip="default: the release's precision. fp8_e4m3fn stores the understanding "
