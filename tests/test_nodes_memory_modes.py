@@ -69,6 +69,54 @@ def test_core_sees_the_plans_device_bytes_and_unloads_them_for_other_models(node
     assert loaded_entry(patcher) is not None and session.weights_placed and torch.equal(again, first)
 
 
+def test_rehearsal_core_unloads_one_placed_model_to_place_another_on_a_gpu(comfy, models_dir, second_device,
+                                                                           monkeypatch):
+    """Core's GPU branch of load_models_gpu (skipped for CPU models): two library-placed models on a card that holds
+    one of them. Each Lance call's host hook asks core to load its model; core frees room for that model's size by
+    unloading the other (its weights leave the device) and the model's weights then go there. The card is the second
+    device (torch's lazy tensors) behind a fake `cuda:0` whose free memory is the capacity minus the bytes really on
+    it."""
+    import comfy.model_management as mm
+
+    from lance_model.runtime.session import SCOPE_ALL
+    from lance_nodes import runtime
+    from lance_nodes.placed_patcher import placed_patcher
+    models = [runtime._load("tiny", runtime.resolve_model_path("tiny"), "auto", "auto", "auto", memory, "default")
+              for memory in ("auto", "stream")]
+    gpu = torch.device("cuda", 0)
+    for model in models:
+        model.pipe.session.device = second_device
+        model.patcher = placed_patcher(model.pipe.session, gpu, torch.device("cpu"))
+        runtime.connect_host(model.pipe.session, model.patcher)
+
+    def on_gpu(model) -> int:
+        session = model.pipe.session
+        tensors = {id(t): t for module in (session.llm, session.vit_module, session.vae_module)
+                   for t in [*module.parameters(), *module.buffers()] if t.device == second_device}
+        slots = [slot for stream in (session.streamer.experts.values() if session.streamer else ())
+                 for slot in stream.slots if slot.device == second_device]
+        return sum(t.numel() * t.element_size() for t in [*tensors.values(), *slots])
+
+    sizes = [model.patcher.model_size() for model in models]
+    reserve = max(mm.minimum_inference_memory(), mm.extra_reserved_memory())
+    capacity = reserve + 1.1 * max(sizes) + min(sizes) // 2   # room for one model, not for both
+
+    def free(dev=None, torch_free_too=False):
+        left = capacity - sum(on_gpu(model) for model in models) if dev == gpu else mm.psutil.virtual_memory().available
+        return (left, 0) if torch_free_too else left
+    monkeypatch.setattr(mm, "get_free_memory", free)
+    try:
+        for first, second in ((0, 1), (1, 0), (0, 1)):
+            models[first].pipe.session.before_call(SCOPE_ALL)
+            assert on_gpu(models[first]) == sizes[first] == models[first].patcher.loaded_size() > 0
+            assert on_gpu(models[second]) == 0 == models[second].patcher.loaded_size()
+            assert [entry.model for entry in mm.current_loaded_models if entry.device == gpu] == [models[first].patcher]
+    finally:
+        for model in models:
+            mm.free_memory(1e30, gpu)
+            model.pipe.session.device = torch.device("cpu")
+
+
 def test_auto_plans_with_the_memory_core_can_free(nodes, models_dir, monkeypatch):
     """memory_mode auto's budget is what the device can give plus what the models core holds there would free:
     a card that other models fill still gets the plan Lance would get alone (core unloads them when Lance runs)."""
