@@ -186,7 +186,7 @@ def pipeline(weights: Weights, device: torch.device, memory: str = "resident",
     else:
         plan, streamer = prepare_plan(memory, weights.llm, weights.vit, weights.vae, device, budget, ())
     session = LanceSession(paths, weights.llm, tokenizer, weights.vit, weights.vae, memory, device, {}, plan,
-                           streamer, weights_placed=plan is None)
+                           streamer)
     session.place_weights()
     return LancePipeline(session)
 

@@ -19,9 +19,9 @@ from .native_model import conditioning, is_lance_patcher, request_of
 from .native_sampling import LanceNoise, apply_guidance, edit_guider, guidance_options, lance_flow_sigmas, \
     register_scheduler
 from .native_vae import LanceCoreVAE
-from .placed_patcher import is_placed_patcher
 from .nodes import CATEGORY, CFG_RENORM, IMAGE_RESOLUTIONS, MAX_FRAMES, MAX_SIZE, SEED_MAX, SIZE_STEP, \
     VIDEO_RESOLUTIONS, LanceModelType
+from .placed_patcher import is_placed_patcher
 
 NATIVE_CATEGORY = f"{CATEGORY}/native"
 TASKS = ["t2i", "t2v", "image_edit", "video_edit"]

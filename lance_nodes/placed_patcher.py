@@ -27,14 +27,12 @@ class LancePlacedWeights(torch.nn.Module):
 
 
 class PlacedPatcher(comfy.model_patcher.ModelPatcher):
-    """Constructed as core constructs its patchers (a clone shares the model, hence the session)."""
+    """Constructed as core constructs its patchers (a clone shares the model, hence the session); its `size` (core's
+    model_size) is the bytes the plan puts on the device, fixed with the plan."""
 
     @property
     def session(self):
         return self.model.session
-
-    def model_size(self) -> int:
-        return self.session.device_bytes(planned=True)
 
     def loaded_size(self) -> int:
         return self.session.device_bytes()
@@ -60,7 +58,8 @@ class PlacedPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def placed_patcher(session, load_device: torch.device, offload_device: torch.device) -> PlacedPatcher:
-    return PlacedPatcher(LancePlacedWeights(session), load_device=load_device, offload_device=offload_device)
+    return PlacedPatcher(LancePlacedWeights(session), load_device=load_device, offload_device=offload_device,
+                         size=session.device_bytes(planned=True))
 
 
 def is_placed_patcher(patcher) -> bool:

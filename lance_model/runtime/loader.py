@@ -144,8 +144,7 @@ def load_session(root: str | Path, *, variant: str = "auto", dtype: str | torch.
              paths.lance_dir.name, dtype, execution_device, llm.attention.name, memory,
              paths.llm_weights.name + " vit_model.*" if vit_weights == "lance" else "Qwen2.5-VL-ViT/vit.safetensors")
     # a plan's weights were loaded into host memory: the session puts on the device what the plan keeps there
-    session = LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer,
-                           weights_placed=not planned)
+    session = LanceSession(paths, llm, tokenizer, vit, vae, memory, execution_device, file_state, plan, streamer)
     if not require_bool(defer_placement, "defer_placement"):
         session.place_weights()
     return session

@@ -52,7 +52,7 @@ MEMORY_MODES = ("resident", "offload", "stream", "auto")
 class LanceSession(nn.Module):
     def __init__(self, paths: ReleasePaths, llm: LanceLLM, tokenizer: LanceTokenizer, vit: LanceViT, vae: LanceVAE,
                  memory: str, execution_device: torch.device, file_state: dict, plan: VramPlan | None = None,
-                 streamer: LayerStreamer | None = None, weights_placed: bool = True):
+                 streamer: LayerStreamer | None = None):
         super().__init__()
         self.lock = threading.RLock()
         self.call_depth = 0   # nested task calls (the host's before_call runs before the outermost one)
@@ -77,8 +77,9 @@ class LanceSession(nn.Module):
         # its weights stay where ComfyUI's casting layers or the plan's streamer expect them)
         self.visitors = {id(vit.module), id(vae.module)} | ({id(llm)} if memory == "offload" else set())
         self.evicted: set[int] = set()   # modules sent to the CPU by a memory fallback, back when they next run
-        # what the library keeps on the device is there (False: in host memory until place_weights)
-        self.weights_placed = weights_placed
+        # what the library keeps on the device is there; a plan's weights come loaded in host memory and stay
+        # there until place_weights
+        self.weights_placed = plan is None
         self.device = indexed(execution_device)   # cuda:N: streams, caches and memory queries belong to one GPU
         self.backend = backend_for(self.device)
         llm.execution_device = self.device
@@ -249,11 +250,11 @@ class LanceSession(nn.Module):
         away = self._away(module)
         try:
             for layer, _ in away:
-                layer._apply(lambda tensor: tensor.to(self.device), recurse=False)
+                move_weights([layer], self.device)
             yield
         finally:
             for layer, home in away:
-                layer._apply(lambda tensor, home=home: tensor.to(home), recurse=False)
+                move_weights([layer], home)
             if away:
                 self.backend.empty_cache()
 
